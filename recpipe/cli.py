@@ -1,0 +1,176 @@
+"""Command-line plumbing shared by every numbered script.
+
+One typed config (a dataclass) per stage; its fields are the flags, their defaults and help
+live in one place. ``run_main`` turns user errors into one clear line and exit code 1 while
+bugs keep their traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import random
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+log = logging.getLogger("recpipe")
+
+
+class PipelineError(Exception):
+    """An error caused by the user's input or environment: printed as one line, exit 1.
+
+    The message should say what went wrong, where (file:line), the offending value, what was
+    expected, and the command that fixes it.
+    """
+
+
+def opt(default: Any, help: str, choices: Sequence[Any] | None = None, flag: str | None = None,
+        short: str | None = None) -> Any:
+    """A config field: default, help text and optional choices, all in one place."""
+    meta = {"help": help, "choices": choices, "flag": flag, "short": short}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors also list every accepted option."""
+
+    def error(self, message: str) -> typing.NoReturn:  # noqa: D401
+        accepted = sorted({s for a in self._actions for s in a.option_strings})
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message}\naccepted options: {', '.join(accepted)}\n"
+                     f"run `python {self.prog} --help` for details\n")
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def build_parser(cfg_cls: type, prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser generated from a config dataclass."""
+    parser = _Parser(prog=prog, description=description,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(cfg_cls)
+    for f in dataclasses.fields(cfg_cls):
+        meta = f.metadata
+        tp, _ = _unwrap_optional(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        names = [meta.get("flag") or "--" + f.name.replace("_", "-")]
+        if meta.get("short"):
+            names.insert(0, meta["short"])
+        kw: dict[str, Any] = {"dest": f.name, "help": meta.get("help", ""), "default": default}
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            origin = typing.get_origin(tp)
+            if origin in (list, tuple):
+                (elem,) = typing.get_args(tp)[:1]
+                kw["type"] = elem
+                kw["nargs"] = "+"
+            else:
+                kw["type"] = Path if tp is Path else tp
+            if meta.get("choices"):
+                kw["choices"] = list(meta["choices"])
+            kw["metavar"] = f.name.upper() if not meta.get("choices") else None
+            if kw["metavar"] is None:
+                del kw["metavar"]
+        parser.add_argument(*names, **kw)
+    return parser
+
+
+def parse_config(cfg_cls: type, argv: Sequence[str] | None, prog: str, description: str):
+    parser = build_parser(cfg_cls, prog, description)
+    ns = parser.parse_args(argv)
+    cfg = cfg_cls(**vars(ns))
+    check = getattr(cfg, "validate", None)
+    if check is not None:
+        try:
+            check()
+        except PipelineError as e:
+            parser.error(str(e))
+    return cfg
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """The resolved configuration as JSON-safe values."""
+    out = {}
+    for k, v in dataclasses.asdict(cfg).items():
+        out[k] = str(v) if isinstance(v, Path) else v
+    return out
+
+
+def print_config(cfg: Any, prog: str) -> None:
+    log.info("%s config: %s", prog, json.dumps(config_dict(cfg), sort_keys=True))
+
+
+def command_line(prog: str, argv: Sequence[str] | None) -> str:
+    """The command as the user would type it again."""
+    import shlex
+    args = list(sys.argv[1:] if argv is None else argv)
+    return "python " + " ".join(shlex.quote(a) for a in [prog, *args])
+
+
+def set_seed(seed: int) -> None:
+    """Seed every RNG the pipeline uses (Python, NumPy, torch when it is loaded)."""
+    random.seed(seed)
+    import numpy as np
+    np.random.seed(seed % 2**32)
+    if "torch" in sys.modules:
+        import torch
+        torch.manual_seed(seed)
+
+
+class _TqdmHandler(logging.Handler):
+    """Routes log lines through tqdm.write so they do not break progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # pragma: no cover - logging must never raise
+            self.handleError(record)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    root = logging.getLogger("recpipe")
+    root.handlers.clear()
+    h = _TqdmHandler()
+    h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    root.addHandler(h)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.propagate = False
+
+
+def progress_disabled() -> bool:
+    """No bars when stderr is not a terminal (CI, logs) unless RECPIPE_PROGRESS=1."""
+    env = os.environ.get("RECPIPE_PROGRESS")
+    if env is not None:
+        return env == "0"
+    return not sys.stderr.isatty()
+
+
+def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> int:
+    """Run a script's main: user errors become one line and exit code 1."""
+    setup_logging(os.environ.get("RECPIPE_VERBOSE") == "1")
+    try:
+        main(argv)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("error: out of memory; try a smaller --batch-size or a machine with more RAM",
+              file=sys.stderr)
+        return 1
+    return 0
