@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,10 @@ class StageOutput:
 
     def commit(self, manifest: dict[str, Any]) -> Path:
         """Write manifest.json last, then rename the folder into place."""
-        full = {"stage": self.stage, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        # run_id makes every build's manifest (and so its fingerprint) unique: a rebuilt
+        # upstream always marks its downstream stale, even within the same second.
+        full = {"stage": self.stage, "run_id": uuid.uuid4().hex,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "seconds": round(time.time() - self._t0, 3), **manifest}
         full.setdefault("files", sorted(p.name for p in self.tmp.iterdir()))
         write_json(self.tmp / MANIFEST, full)

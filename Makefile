@@ -1,0 +1,83 @@
+# The pipeline as make targets: `make` reruns a stage only when its input artifact, its code
+# or its parameters changed. Running the numbered scripts by hand keeps working: make only
+# looks at the manifests they write.
+#
+#   make demo                         # whole pipeline on the generated demo data
+#   make INPUT=~/ml-100k              # stages 10-60 on your own download
+#   make SPLIT=loo MODEL=neumf        # another split and model; only what changed reruns
+#   make recommend USER=42            # top-10 for a raw user id
+#   make clean                        # remove $(DATA)
+#
+# Parameters (each stage's extra flags go in its *_ARGS variable):
+PYTHON      ?= python3
+DATA        ?= data
+INPUT       ?= demo
+PRE_ARGS    ?=
+IDS_ARGS    ?=
+SPLIT       ?= random
+SPLIT_ARGS  ?=
+MATRIX_ARGS ?=
+MODEL       ?= mf
+TRAIN_ARGS  ?=
+USER        ?=
+K           ?= 10
+REC_ARGS    ?=
+
+COMMON  := recpipe/__init__.py recpipe/cli.py recpipe/artifacts.py
+S10 := $(DATA)/10_preprocessing/manifest.json
+S20 := $(DATA)/20_make_ids/manifest.json
+S30 := $(DATA)/30_split_train_test/manifest.json
+S40 := $(DATA)/40_make_sparse_matrix/manifest.json
+S60 := $(DATA)/60_train/$(MODEL)/manifest.json
+STAMP60 := 60_$(MODEL)
+P   := $(DATA)/.params
+
+# The exact arguments of each stage; a stamp file changes only when they change.
+ARGS10 := --data-dir $(DATA) --input $(INPUT) $(PRE_ARGS)
+ARGS20 := --data-dir $(DATA) $(IDS_ARGS)
+ARGS30 := --data-dir $(DATA) --strategy $(SPLIT) $(SPLIT_ARGS)
+ARGS40 := --data-dir $(DATA) $(MATRIX_ARGS)
+ARGS60 := --data-dir $(DATA) --model $(MODEL) $(TRAIN_ARGS)
+
+.PHONY: all demo train recommend test bench clean FORCE
+all: $(S60)
+
+demo: $(S60)
+	$(PYTHON) 70_recommend.py --data-dir $(DATA) --model $(MODEL) --user $(or $(USER),$(shell $(PYTHON) -c "import pandas as p; print(p.read_parquet('$(DATA)/20_make_ids/users.parquet').raw_user_id.iloc[0])")) -k $(K) $(REC_ARGS)
+
+train: $(S60)
+
+recommend: $(S60)
+	$(PYTHON) 70_recommend.py --data-dir $(DATA) --model $(MODEL) $(if $(USER),--user $(USER)) -k $(K) $(REC_ARGS)
+
+$(P)/%: FORCE
+	@mkdir -p $(@D)
+	@printf '%s\n' '$(ARGS$(firstword $(subst _, ,$*)))' | cmp -s - $@ || \
+	  printf '%s\n' '$(ARGS$(firstword $(subst _, ,$*)))' > $@
+
+$(S10): 10_preprocessing.py $(COMMON) $(wildcard recpipe/preprocess.py recpipe/readers.py recpipe/demo.py recpipe/download.py) $(wildcard $(INPUT)) $(P)/10
+	$(PYTHON) 10_preprocessing.py $(ARGS10)
+
+$(S20): 20_make_ids.py $(COMMON) recpipe/ids.py $(S10) $(P)/20
+	$(PYTHON) 20_make_ids.py $(ARGS20)
+
+$(S30): 30_split_train_test.py $(COMMON) recpipe/split.py $(S20) $(P)/30
+	$(PYTHON) 30_split_train_test.py $(ARGS30)
+
+$(S40): 40_make_sparse_matrix.py $(COMMON) recpipe/matrix.py $(S30) $(P)/40
+	$(PYTHON) 40_make_sparse_matrix.py $(ARGS40)
+
+$(S60): 60_train.py models.py $(COMMON) $(wildcard recpipe/train.py recpipe/metrics.py recpipe/dataset.py recpipe/presets.py) $(S40) $(P)/$(STAMP60)
+	$(PYTHON) 60_train.py $(ARGS60)
+
+test:
+	$(PYTHON) -m pytest -q
+
+bench:
+	$(PYTHON) bench/bench_preprocessing.py
+	$(PYTHON) bench/bench_stages_20_40.py
+	$(PYTHON) bench/bench_train.py
+	$(PYTHON) bench/bench_vs_surprise.py
+
+clean:
+	rm -rf $(DATA)

@@ -1,0 +1,245 @@
+"""The networks: biased MF, the deep MF, and the NCF family (GMF, MLP, NeuMF).
+
+nn.Modules only: no I/O, no argument parsing. Conventions every model follows (stage 60 trains
+them, stage 70 scores and folds in new users with them):
+
+- ``Model(n_users, n_items, **sizes)``; ``forward(users, items)`` takes LongTensors of
+  broadcastable shapes (``[B]`` and ``[B]``; ``[U, 1]`` and ``[U, C]``; ``[U, 1]`` and
+  ``[1, n_items]``) and returns scores of the broadcast shape: the predicted rating for the
+  explicit task (the global mean, a buffer ``global_mean``, included), a logit for implicit.
+- Every per-user parameter is an ``nn.Embedding(n_users, d)`` attribute whose name starts with
+  ``user_``; every per-item one an ``nn.Embedding(n_items, d)`` starting with ``item_``. No other
+  attribute starts with those prefixes, so a fold-in can optimise a new user row alone.
+- ``item_vectors()`` gives a ``[n_items, d]`` item representation for item-item similarity.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["BiasedMF", "DeepMF", "GMF", "MLP", "NeuMF", "MODELS", "build_model"]
+
+
+def _pair_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Sum over the last axis of a * b, broadcasting the leading axes.
+
+    The score-all-items case ([U, 1, d] with [1, N, d]) and the candidate case ([U, 1, d] with
+    [U, C, d]) become matrix products instead of materialising a [U, N, d] tensor.
+    """
+    if a.dim() == 3 and b.dim() == 3 and a.shape[1] == 1:
+        if b.shape[0] == 1:                         # [U,1,d] x [1,N,d] -> [U,N]
+            return a[:, 0, :] @ b[0].transpose(0, 1)
+        if b.shape[0] == a.shape[0]:                # [U,1,d] x [U,C,d] -> [U,C]
+            return torch.bmm(b, a.transpose(1, 2)).squeeze(-1)
+    if a.dim() == 3 and b.dim() == 3 and b.shape[1] == 1 and a.shape[0] == b.shape[0]:
+        return torch.bmm(a, b.transpose(1, 2)).squeeze(-1)
+    return (a * b).sum(-1)
+
+
+def _emb(n: int, d: int, std: float, sparse: bool) -> nn.Embedding:
+    e = nn.Embedding(n, d, sparse=sparse)
+    nn.init.normal_(e.weight, 0.0, std)
+    return e
+
+
+def _zero_emb(n: int, d: int, sparse: bool) -> nn.Embedding:
+    e = nn.Embedding(n, d, sparse=sparse)
+    nn.init.zeros_(e.weight)
+    return e
+
+
+class _Base(nn.Module):
+    def __init__(self, n_users: int, n_items: int, global_mean: float):
+        super().__init__()
+        if n_users <= 0 or n_items <= 0:
+            raise ValueError(f"n_users and n_items must be positive, got {n_users}, {n_items}")
+        self.n_users = int(n_users)
+        self.n_items = int(n_items)
+        self.register_buffer("global_mean", torch.tensor(float(global_mean)))
+
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() + self.global_mean
+
+
+class BiasedMF(_Base):
+    """r = mu + b_u + b_i + p_u . q_i (Funk / Koren biased matrix factorization)."""
+
+    def __init__(self, n_users: int, n_items: int, dim: int = 64, init_std: float = 0.05,
+                 global_mean: float = 0.0, sparse: bool = False):
+        super().__init__(n_users, n_items, global_mean)
+        self.user_factors = _emb(n_users, dim, init_std, sparse)
+        self.item_factors = _emb(n_items, dim, init_std, sparse)
+        self.user_bias = _zero_emb(n_users, 1, sparse)
+        self.item_bias = _zero_emb(n_items, 1, sparse)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        p = self.user_factors(users)
+        q = self.item_factors(items)
+        dot = _pair_dot(p, q)
+        return self._out(dot + self.user_bias(users).squeeze(-1) + self.item_bias(items).squeeze(-1))
+
+    def item_vectors(self) -> torch.Tensor:
+        return self.item_factors.weight.detach()
+
+
+class DeepMF(_Base):
+    """Deep MF (the Netflix tutorial): per side Embedding -> Linear -> ReLU, element-wise
+    product, Linear output; plus optional user/item biases (on by default: they carry most of
+    the signal in explicit ratings and make the tower's job easier)."""
+
+    def __init__(self, n_users: int, n_items: int, emb_dim: int = 128, hidden: int = 64,
+                 init_std: float = 0.05, global_mean: float = 0.0, use_bias: bool = True,
+                 dropout: float = 0.0, sparse: bool = False):
+        super().__init__(n_users, n_items, global_mean)
+        self.user_embedding = _emb(n_users, emb_dim, init_std, sparse)
+        self.item_embedding = _emb(n_items, emb_dim, init_std, sparse)
+        self.tower_user = nn.Linear(emb_dim, hidden)
+        self.tower_item = nn.Linear(emb_dim, hidden)
+        self.drop = nn.Dropout(dropout)
+        self.output = nn.Linear(hidden, 1)
+        self.use_bias = bool(use_bias)
+        if self.use_bias:
+            self.user_bias = _zero_emb(n_users, 1, sparse)
+            self.item_bias = _zero_emb(n_items, 1, sparse)
+        nn.init.normal_(self.output.weight, 0.0, 0.1)
+        nn.init.zeros_(self.output.bias)
+
+    def _user_side(self, users: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.tower_user(self.drop(self.user_embedding(users))))
+
+    def _item_side(self, items: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.tower_item(self.drop(self.item_embedding(items))))
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        hu = self._user_side(users) * self.output.weight[0]
+        hi = self._item_side(items)
+        out = _pair_dot(hu, hi) + self.output.bias[0]
+        if self.use_bias:
+            out = out + self.user_bias(users).squeeze(-1) + self.item_bias(items).squeeze(-1)
+        return self._out(out)
+
+    def item_vectors(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self._item_side(torch.arange(self.n_items, device=self.global_mean.device))
+
+
+class GMF(_Base):
+    """Generalized MF (He et al. 2017): h^T (p_u * q_i)."""
+
+    def __init__(self, n_users: int, n_items: int, dim: int = 16, init_std: float = 0.01,
+                 global_mean: float = 0.0, sparse: bool = False):
+        super().__init__(n_users, n_items, global_mean)
+        self.user_gmf = _emb(n_users, dim, init_std, sparse)
+        self.item_gmf = _emb(n_items, dim, init_std, sparse)
+        self.predict = nn.Linear(dim, 1)
+        nn.init.uniform_(self.predict.weight, 0.0, 1.0)   # positive start: p.q ranks sensibly
+        nn.init.zeros_(self.predict.bias)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self._out(_pair_dot(self.user_gmf(users) * self.predict.weight[0],
+                                   self.item_gmf(items)) + self.predict.bias[0])
+
+    def item_vectors(self) -> torch.Tensor:
+        return self.item_gmf.weight.detach()
+
+
+class _Tower(nn.Module):
+    """The NCF MLP on concat(p_u, q_i), with the first layer split per side so that the
+    broadcast case computes each side once ([U,1,h] + [1,N,h])."""
+
+    def __init__(self, emb_dim: int, layers: Sequence[int], dropout: float):
+        super().__init__()
+        if not layers:
+            raise ValueError("MLP needs at least one hidden layer size")
+        self.first_user = nn.Linear(emb_dim, layers[0])
+        self.first_item = nn.Linear(emb_dim, layers[0], bias=False)
+        rest = []
+        for a, b in zip(layers[:-1], layers[1:]):
+            rest += [nn.Dropout(dropout), nn.Linear(a, b), nn.ReLU()]
+        self.rest = nn.Sequential(*rest)
+        self.out_dim = layers[-1]
+
+    def forward(self, pu: torch.Tensor, qi: torch.Tensor) -> torch.Tensor:
+        return self.rest(torch.relu(self.first_user(pu) + self.first_item(qi)))
+
+
+class MLP(_Base):
+    """NCF MLP: a ReLU tower on concat(p_u, q_i). ``layers`` are the hidden sizes; the
+    embeddings are layers[0] // 2 wide (the paper's convention)."""
+
+    def __init__(self, n_users: int, n_items: int, layers: Sequence[int] = (64, 32, 16, 8),
+                 init_std: float = 0.01, dropout: float = 0.0, global_mean: float = 0.0,
+                 sparse: bool = False):
+        super().__init__(n_users, n_items, global_mean)
+        layers = [int(x) for x in layers]
+        emb_dim = max(1, layers[0] // 2)
+        self.user_mlp = _emb(n_users, emb_dim, init_std, sparse)
+        self.item_mlp = _emb(n_items, emb_dim, init_std, sparse)
+        self.tower = _Tower(emb_dim, layers, dropout)
+        self.predict = nn.Linear(layers[-1], 1)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self._out(self.predict(self.tower(self.user_mlp(users), self.item_mlp(items)))
+                         .squeeze(-1))
+
+    def item_vectors(self) -> torch.Tensor:
+        return self.item_mlp.weight.detach()
+
+
+class NeuMF(_Base):
+    """NeuMF: GMF and MLP branches with separate embeddings, concatenated into one output
+    layer. ``load_pretrained(gmf, mlp, alpha)`` is the paper's pretraining initialisation."""
+
+    def __init__(self, n_users: int, n_items: int, gmf_dim: int = 16,
+                 layers: Sequence[int] = (64, 32, 16, 8), init_std: float = 0.01,
+                 dropout: float = 0.0, global_mean: float = 0.0, sparse: bool = False):
+        super().__init__(n_users, n_items, global_mean)
+        layers = [int(x) for x in layers]
+        emb_dim = max(1, layers[0] // 2)
+        self.user_gmf = _emb(n_users, gmf_dim, init_std, sparse)
+        self.item_gmf = _emb(n_items, gmf_dim, init_std, sparse)
+        self.user_mlp = _emb(n_users, emb_dim, init_std, sparse)
+        self.item_mlp = _emb(n_items, emb_dim, init_std, sparse)
+        self.tower = _Tower(emb_dim, layers, dropout)
+        self.gmf_dim = int(gmf_dim)
+        self.predict = nn.Linear(gmf_dim + layers[-1], 1)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        w = self.predict.weight[0]
+        g = _pair_dot(self.user_gmf(users) * w[: self.gmf_dim], self.item_gmf(items))
+        m = self.tower(self.user_mlp(users), self.item_mlp(items)) @ w[self.gmf_dim:]
+        return self._out(g + m + self.predict.bias[0])
+
+    @torch.no_grad()
+    def load_pretrained(self, gmf: GMF, mlp: MLP, alpha: float = 0.5) -> None:
+        """Initialise from trained GMF and MLP models (He et al. 2017, section 3.4.1)."""
+        if gmf.user_gmf.weight.shape != self.user_gmf.weight.shape:
+            raise ValueError(f"GMF embedding shape {tuple(gmf.user_gmf.weight.shape)} does not "
+                             f"match NeuMF's {tuple(self.user_gmf.weight.shape)}")
+        if mlp.user_mlp.weight.shape != self.user_mlp.weight.shape:
+            raise ValueError(f"MLP embedding shape {tuple(mlp.user_mlp.weight.shape)} does not "
+                             f"match NeuMF's {tuple(self.user_mlp.weight.shape)}")
+        for name in ("user_gmf", "item_gmf"):
+            getattr(self, name).weight.copy_(getattr(gmf, name).weight)
+        for name in ("user_mlp", "item_mlp"):
+            getattr(self, name).weight.copy_(getattr(mlp, name).weight)
+        self.tower.load_state_dict(mlp.tower.state_dict())
+        self.predict.weight.copy_(torch.cat([alpha * gmf.predict.weight,
+                                             (1 - alpha) * mlp.predict.weight], dim=1))
+        self.predict.bias.copy_(alpha * gmf.predict.bias + (1 - alpha) * mlp.predict.bias)
+
+    def item_vectors(self) -> torch.Tensor:
+        return torch.cat([self.item_gmf.weight, self.item_mlp.weight], dim=1).detach()
+
+
+MODELS: dict[str, type[nn.Module]] = {"mf": BiasedMF, "deepmf": DeepMF, "gmf": GMF,
+                                      "mlp": MLP, "neumf": NeuMF}
+
+
+def build_model(name: str, n_users: int, n_items: int, **model_args) -> nn.Module:
+    """The model called ``name`` (a key of MODELS) with its constructor arguments."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
+    return MODELS[name](n_users, n_items, **model_args)
