@@ -5,7 +5,7 @@
 #   make demo                         # whole pipeline on the generated demo data
 #   make INPUT=~/ml-100k              # stages 10-60 on your own download
 #   make SPLIT=loo MODEL=neumf        # another split and model; only what changed reruns
-#   make recommend USER=42            # top-10 for a raw user id
+#   make recommend USER_ID=196        # top-10 for a raw user id
 #   make clean                        # remove $(DATA)
 #
 # Parameters (each stage's extra flags go in its *_ARGS variable):
@@ -19,7 +19,7 @@ SPLIT_ARGS  ?=
 MATRIX_ARGS ?=
 MODEL       ?= mf
 TRAIN_ARGS  ?=
-USER        ?=
+USER_ID     ?=
 K           ?= 10
 REC_ARGS    ?=
 
@@ -39,21 +39,26 @@ ARGS30 := --data-dir $(DATA) --strategy $(SPLIT) $(SPLIT_ARGS)
 ARGS40 := --data-dir $(DATA) $(MATRIX_ARGS)
 ARGS60 := --data-dir $(DATA) --model $(MODEL) $(TRAIN_ARGS)
 
-.PHONY: all demo train recommend test bench clean FORCE
+.PHONY: all demo train recommend test bench clean
 all: $(S60)
 
 demo: $(S60)
-	$(PYTHON) 70_recommend.py --data-dir $(DATA) --model $(MODEL) --user $(or $(USER),$(shell $(PYTHON) -c "import pandas as p; print(p.read_parquet('$(DATA)/20_make_ids/users.parquet').raw_user_id.iloc[0])")) -k $(K) $(REC_ARGS)
+	$(PYTHON) 70_recommend.py --data-dir $(DATA) --model $(MODEL) --user $(or $(USER_ID),$(shell $(PYTHON) -c "import pandas as p; print(p.read_parquet('$(DATA)/20_make_ids/users.parquet').raw_user_id.iloc[0])")) -k $(K) --explain $(REC_ARGS)
 
 train: $(S60)
 
 recommend: $(S60)
-	$(PYTHON) 70_recommend.py --data-dir $(DATA) --model $(MODEL) $(if $(USER),--user $(USER)) -k $(K) $(REC_ARGS)
+	$(if $(USER_ID)$(REC_ARGS),,$(error give USER_ID=RAW_USER_ID (e.g. make recommend USER_ID=196) or REC_ARGS="--batch all --out recs.csv"))
+	$(PYTHON) 70_recommend.py --data-dir $(DATA) --model $(MODEL) $(if $(USER_ID),--user $(USER_ID)) -k $(K) $(REC_ARGS)
 
-$(P)/%: FORCE
-	@mkdir -p $(@D)
-	@printf '%s\n' '$(ARGS$(firstword $(subst _, ,$*)))' | cmp -s - $@ || \
-	  printf '%s\n' '$(ARGS$(firstword $(subst _, ,$*)))' > $@
+# Parameter stamps, refreshed while the Makefile is read (so `make -n` and `make -q` tell the
+# truth): a stamp file is rewritten, and its stage made out of date, only when the arguments
+# differ from those of the last run.
+stamp = $(shell mkdir -p $(P) && printf '%s\n' '$(2)' | cmp -s - $(P)/$(1) || printf '%s\n' '$(2)' > $(P)/$(1))
+ifeq ($(filter clean test bench,$(MAKECMDGOALS)),)
+$(call stamp,10,$(ARGS10))$(call stamp,20,$(ARGS20))$(call stamp,30,$(ARGS30))
+$(call stamp,40,$(ARGS40))$(call stamp,$(STAMP60),$(ARGS60))
+endif
 
 $(S10): 10_preprocessing.py $(COMMON) $(wildcard recpipe/preprocess.py recpipe/readers.py recpipe/demo.py recpipe/download.py) $(wildcard $(INPUT)) $(P)/10
 	$(PYTHON) 10_preprocessing.py $(ARGS10)

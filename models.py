@@ -6,7 +6,9 @@ them, stage 70 scores and folds in new users with them):
 - ``Model(n_users, n_items, **sizes)``; ``forward(users, items)`` takes LongTensors of
   broadcastable shapes (``[B]`` and ``[B]``; ``[U, 1]`` and ``[U, C]``; ``[U, 1]`` and
   ``[1, n_items]``) and returns scores of the broadcast shape: the predicted rating for the
-  explicit task (the global mean, a buffer ``global_mean``, included), a logit for implicit.
+  explicit task (``global_mean + scale * network``, both buffers: the network works in
+  standardised rating units so initialisation and regularisation carry over between rating
+  scales), a logit for implicit (global_mean 0, scale 1).
 - Every per-user parameter is an ``nn.Embedding(n_users, d)`` attribute whose name starts with
   ``user_``; every per-item one an ``nn.Embedding(n_items, d)`` starting with ``item_``. No other
   attribute starts with those prefixes, so a fold-in can optimise a new user row alone.
@@ -51,24 +53,39 @@ def _zero_emb(n: int, d: int, sparse: bool) -> nn.Embedding:
 
 
 class _Base(nn.Module):
-    def __init__(self, n_users: int, n_items: int, global_mean: float):
+    def __init__(self, n_users: int, n_items: int, global_mean: float, scale: float = 1.0):
         super().__init__()
         if n_users <= 0 or n_items <= 0:
             raise ValueError(f"n_users and n_items must be positive, got {n_users}, {n_items}")
         self.n_users = int(n_users)
         self.n_items = int(n_items)
         self.register_buffer("global_mean", torch.tensor(float(global_mean)))
+        self.register_buffer("scale", torch.tensor(float(scale)))
+
+    def _add_bias(self, use_bias: bool, sparse: bool) -> None:
+        """Optional per-user and per-item biases (user_bias, item_bias); the NCF models use
+        them for the explicit task, where they carry much of the signal."""
+        self.use_bias = bool(use_bias)
+        if self.use_bias:
+            self.user_bias = _zero_emb(self.n_users, 1, sparse)
+            self.item_bias = _zero_emb(self.n_items, 1, sparse)
+
+    def _bias(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor | float:
+        if not getattr(self, "use_bias", False):
+            return 0.0
+        return self.user_bias(users).squeeze(-1) + self.item_bias(items).squeeze(-1)
 
     def _out(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float() + self.global_mean
+        # the network works in standardised units; scale and global_mean map to the ratings
+        return x.float() * self.scale + self.global_mean
 
 
 class BiasedMF(_Base):
     """r = mu + b_u + b_i + p_u . q_i (Funk / Koren biased matrix factorization)."""
 
     def __init__(self, n_users: int, n_items: int, dim: int = 64, init_std: float = 0.05,
-                 global_mean: float = 0.0, sparse: bool = False):
-        super().__init__(n_users, n_items, global_mean)
+                 global_mean: float = 0.0, scale: float = 1.0, sparse: bool = False):
+        super().__init__(n_users, n_items, global_mean, scale)
         self.user_factors = _emb(n_users, dim, init_std, sparse)
         self.item_factors = _emb(n_items, dim, init_std, sparse)
         self.user_bias = _zero_emb(n_users, 1, sparse)
@@ -90,19 +107,17 @@ class DeepMF(_Base):
     the signal in explicit ratings and make the tower's job easier)."""
 
     def __init__(self, n_users: int, n_items: int, emb_dim: int = 128, hidden: int = 64,
-                 init_std: float = 0.05, global_mean: float = 0.0, use_bias: bool = True,
+                 init_std: float = 0.05, global_mean: float = 0.0, scale: float = 1.0,
+                 use_bias: bool = True,
                  dropout: float = 0.0, sparse: bool = False):
-        super().__init__(n_users, n_items, global_mean)
+        super().__init__(n_users, n_items, global_mean, scale)
         self.user_embedding = _emb(n_users, emb_dim, init_std, sparse)
         self.item_embedding = _emb(n_items, emb_dim, init_std, sparse)
         self.tower_user = nn.Linear(emb_dim, hidden)
         self.tower_item = nn.Linear(emb_dim, hidden)
         self.drop = nn.Dropout(dropout)
         self.output = nn.Linear(hidden, 1)
-        self.use_bias = bool(use_bias)
-        if self.use_bias:
-            self.user_bias = _zero_emb(n_users, 1, sparse)
-            self.item_bias = _zero_emb(n_items, 1, sparse)
+        self._add_bias(use_bias, sparse)
         nn.init.normal_(self.output.weight, 0.0, 0.1)
         nn.init.zeros_(self.output.bias)
 
@@ -115,10 +130,7 @@ class DeepMF(_Base):
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         hu = self._user_side(users) * self.output.weight[0]
         hi = self._item_side(items)
-        out = _pair_dot(hu, hi) + self.output.bias[0]
-        if self.use_bias:
-            out = out + self.user_bias(users).squeeze(-1) + self.item_bias(items).squeeze(-1)
-        return self._out(out)
+        return self._out(_pair_dot(hu, hi) + self.output.bias[0] + self._bias(users, items))
 
     def item_vectors(self) -> torch.Tensor:
         with torch.no_grad():
@@ -129,17 +141,20 @@ class GMF(_Base):
     """Generalized MF (He et al. 2017): h^T (p_u * q_i)."""
 
     def __init__(self, n_users: int, n_items: int, dim: int = 16, init_std: float = 0.01,
-                 global_mean: float = 0.0, sparse: bool = False):
-        super().__init__(n_users, n_items, global_mean)
+                 global_mean: float = 0.0, scale: float = 1.0, use_bias: bool = False,
+                 sparse: bool = False):
+        super().__init__(n_users, n_items, global_mean, scale)
         self.user_gmf = _emb(n_users, dim, init_std, sparse)
         self.item_gmf = _emb(n_items, dim, init_std, sparse)
+        self._add_bias(use_bias, sparse)
         self.predict = nn.Linear(dim, 1)
         nn.init.uniform_(self.predict.weight, 0.0, 1.0)   # positive start: p.q ranks sensibly
         nn.init.zeros_(self.predict.bias)
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return self._out(_pair_dot(self.user_gmf(users) * self.predict.weight[0],
-                                   self.item_gmf(items)) + self.predict.bias[0])
+                                   self.item_gmf(items)) + self.predict.bias[0]
+                         + self._bias(users, items))
 
     def item_vectors(self) -> torch.Tensor:
         return self.item_gmf.weight.detach()
@@ -171,18 +186,19 @@ class MLP(_Base):
 
     def __init__(self, n_users: int, n_items: int, layers: Sequence[int] = (64, 32, 16, 8),
                  init_std: float = 0.01, dropout: float = 0.0, global_mean: float = 0.0,
-                 sparse: bool = False):
-        super().__init__(n_users, n_items, global_mean)
+                 scale: float = 1.0, use_bias: bool = False, sparse: bool = False):
+        super().__init__(n_users, n_items, global_mean, scale)
         layers = [int(x) for x in layers]
         emb_dim = max(1, layers[0] // 2)
         self.user_mlp = _emb(n_users, emb_dim, init_std, sparse)
         self.item_mlp = _emb(n_items, emb_dim, init_std, sparse)
+        self._add_bias(use_bias, sparse)
         self.tower = _Tower(emb_dim, layers, dropout)
         self.predict = nn.Linear(layers[-1], 1)
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         return self._out(self.predict(self.tower(self.user_mlp(users), self.item_mlp(items)))
-                         .squeeze(-1))
+                         .squeeze(-1) + self._bias(users, items))
 
     def item_vectors(self) -> torch.Tensor:
         return self.item_mlp.weight.detach()
@@ -194,14 +210,16 @@ class NeuMF(_Base):
 
     def __init__(self, n_users: int, n_items: int, gmf_dim: int = 16,
                  layers: Sequence[int] = (64, 32, 16, 8), init_std: float = 0.01,
-                 dropout: float = 0.0, global_mean: float = 0.0, sparse: bool = False):
-        super().__init__(n_users, n_items, global_mean)
+                 dropout: float = 0.0, global_mean: float = 0.0, scale: float = 1.0,
+                 use_bias: bool = False, sparse: bool = False):
+        super().__init__(n_users, n_items, global_mean, scale)
         layers = [int(x) for x in layers]
         emb_dim = max(1, layers[0] // 2)
         self.user_gmf = _emb(n_users, gmf_dim, init_std, sparse)
         self.item_gmf = _emb(n_items, gmf_dim, init_std, sparse)
         self.user_mlp = _emb(n_users, emb_dim, init_std, sparse)
         self.item_mlp = _emb(n_items, emb_dim, init_std, sparse)
+        self._add_bias(use_bias, sparse)
         self.tower = _Tower(emb_dim, layers, dropout)
         self.gmf_dim = int(gmf_dim)
         self.predict = nn.Linear(gmf_dim + layers[-1], 1)
@@ -210,7 +228,7 @@ class NeuMF(_Base):
         w = self.predict.weight[0]
         g = _pair_dot(self.user_gmf(users) * w[: self.gmf_dim], self.item_gmf(items))
         m = self.tower(self.user_mlp(users), self.item_mlp(items)) @ w[self.gmf_dim:]
-        return self._out(g + m + self.predict.bias[0])
+        return self._out(g + m + self.predict.bias[0] + self._bias(users, items))
 
     @torch.no_grad()
     def load_pretrained(self, gmf: GMF, mlp: MLP, alpha: float = 0.5) -> None:
@@ -229,6 +247,10 @@ class NeuMF(_Base):
         self.predict.weight.copy_(torch.cat([alpha * gmf.predict.weight,
                                              (1 - alpha) * mlp.predict.weight], dim=1))
         self.predict.bias.copy_(alpha * gmf.predict.bias + (1 - alpha) * mlp.predict.bias)
+        if self.use_bias and gmf.use_bias and mlp.use_bias:
+            for name in ("user_bias", "item_bias"):
+                getattr(self, name).weight.copy_(alpha * getattr(gmf, name).weight
+                                                 + (1 - alpha) * getattr(mlp, name).weight)
 
     def item_vectors(self) -> torch.Tensor:
         return torch.cat([self.item_gmf.weight, self.item_mlp.weight], dim=1).detach()

@@ -15,7 +15,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -174,3 +174,35 @@ def read_parquet(path: Path, columns: list[str] | None = None):
         raise PipelineError(f"{path} is missing although its manifest exists; rerun the stage "
                             f"that writes {Path(path).parent}")
     return pd.read_parquet(path, columns=columns, engine="pyarrow")
+
+
+def read_columns(path: Path, columns: Sequence[str] | None = None) -> dict[str, Any]:
+    """A Parquet table as {column: array}, read one column at a time.
+
+    Numbers become numpy arrays (missing floats NaN), strings Arrow-backed pandas Series (no
+    Python object per value). Peak memory stays near the size of the data itself, where a
+    whole-table pandas conversion needs about twice that.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    if not Path(path).exists():
+        raise PipelineError(f"{path} is missing although its manifest exists; rerun the stage "
+                            f"that writes {Path(path).parent}")
+    try:
+        pf = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise PipelineError(f"{path} is unreadable ({e}); rerun the stage that writes "
+                            f"{Path(path).parent}") from None
+    out: dict[str, Any] = {}
+    for name in columns or pf.schema_arrow.names:
+        col = pf.read(columns=[name]).column(0)
+        t = col.type
+        if pa.types.is_integer(t) and col.null_count:
+            raise PipelineError(f"{path}: column {name} has {col.null_count} missing values; "
+                                f"expected none; rerun the stage that writes {Path(path).parent}")
+        if pa.types.is_integer(t) or pa.types.is_floating(t):
+            out[name] = col.to_numpy()
+        else:
+            out[name] = col.to_pandas()
+        del col
+    return out

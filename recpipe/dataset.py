@@ -1,0 +1,184 @@
+"""Stage 40's artifact as device-resident tensors, and vectorised negative sampling.
+
+Everything the training loop touches lives on the chosen device: (user, item, rating)
+triples as int64/float32 tensors, the sorted train keys for membership tests, and the
+evaluation candidates. Batches are slices of a ``torch.randperm``; negatives are drawn for a
+whole epoch at once and redrawn every epoch. No per-sample Python, no DataLoader.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from .artifacts import read_manifest, stage_dir
+from .cli import PipelineError
+
+STAGE40 = "40_make_sparse_matrix"
+
+
+@dataclasses.dataclass
+class Part:
+    """One split part: parallel tensors of user, item and rating (float32)."""
+    users: torch.Tensor
+    items: torch.Tensor
+    ratings: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.users.shape[0])
+
+
+@dataclasses.dataclass
+class Data:
+    manifest: dict[str, Any]
+    n_users: int
+    n_items: int
+    rating_scale: tuple[float, float]
+    global_mean: float
+    rating_std: float
+    task: str
+    train: Part
+    valid: Part
+    test: Part
+    train_csr: sp.csr_matrix          # binary train interactions (exclusion, negatives)
+    train_keys: torch.Tensor          # sorted user * n_items + item of train interactions
+    candidates: dict[str, tuple[torch.Tensor, torch.Tensor]]   # part -> (users, items[U,1+N])
+    device: torch.device
+
+    @property
+    def has_candidates(self) -> bool:
+        return bool(self.candidates)
+
+
+def _load_npz(path: Path) -> sp.csr_matrix:
+    if not path.exists():
+        raise PipelineError(f"{path} is missing although its manifest exists; rerun "
+                            f"`python 40_make_sparse_matrix.py --data-dir {path.parent.parent}`")
+    try:
+        m = sp.load_npz(path).tocsr()
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{path} is unreadable ({e}); rerun "
+                            f"`python 40_make_sparse_matrix.py --data-dir {path.parent.parent}`")
+    return m
+
+
+def _part(m: sp.csr_matrix, path: Path, explicit: bool, device: torch.device) -> Part:
+    coo = m.tocoo()
+    vals = coo.data.astype(np.float32)
+    bad = ~np.isfinite(vals)
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        what = "explicit ratings" if explicit else "interaction values"
+        raise PipelineError(
+            f"{path}: {int(bad.sum())} non-finite value(s) among the {what} (first at user_idx "
+            f"{int(coo.row[j])}, item_idx {int(coo.col[j])}: {vals[j]}); ratings must be "
+            f"finite numbers. Interactions kept without a rating belong to the implicit task: "
+            f"use --task implicit, or rerun stage 10 without keeping unrated rows")
+    order = np.lexsort((coo.col, coo.row))
+    return Part(users=torch.from_numpy(coo.row[order].astype(np.int64)).to(device),
+                items=torch.from_numpy(coo.col[order].astype(np.int64)).to(device),
+                ratings=torch.from_numpy(vals[order]).to(device))
+
+
+def load_data(data_dir: str | Path, task: str, device: torch.device,
+              needed_by: str = "60_train.py") -> Data:
+    """Read and check stage 40's artifact; everything ends up on ``device``."""
+    data_dir = Path(data_dir)
+    man = read_manifest(data_dir, STAGE40, needed_by=needed_by)
+    d = stage_dir(data_dir, STAGE40)
+    try:
+        n_users, n_items = int(man["n_users"]), int(man["n_items"])
+    except (KeyError, TypeError, ValueError):
+        raise PipelineError(f"{d / 'manifest.json'} lacks integer n_users/n_items; rerun "
+                            f"`python 40_make_sparse_matrix.py --data-dir {data_dir}`")
+    explicit = task == "explicit"
+    suffix = "" if explicit else "_implicit"
+    parts = {}
+    mats = {}
+    for name in ("train", "valid", "test"):
+        p = d / f"{name}{suffix}.npz"
+        m = _load_npz(p)
+        if m.shape != (n_users, n_items):
+            raise PipelineError(f"{p} has shape {m.shape}, the manifest says "
+                                f"({n_users}, {n_items}); rerun stage 40")
+        m.sum_duplicates()
+        mats[name] = m
+        parts[name] = _part(m, p, explicit, device)
+    if len(parts["train"]) == 0:
+        raise PipelineError(f"{d / ('train' + suffix + '.npz')} holds no interactions; check the "
+                            f"filters of stages 20-30")
+    # the binary train view for exclusion and negatives (the implicit file holds unrated too)
+    bin_path = d / "train_implicit.npz"
+    train_bin = _load_npz(bin_path) if (explicit and bin_path.exists()) else mats["train"]
+    train_bin = train_bin.tocsr()
+    train_bin.sum_duplicates()
+    tb = train_bin.tocoo()
+    keys = np.sort(tb.row.astype(np.int64) * n_items + tb.col.astype(np.int64))
+    tr = parts["train"].ratings
+    scale = man.get("rating_scale") or [float(tr.min()), float(tr.max())]
+    gmean = float(tr.double().mean()) if explicit else 0.0
+    std = float(tr.double().std()) if (explicit and len(tr) > 1) else 1.0
+    if not np.isfinite(std) or std <= 0:
+        std = 1.0
+    cands = {}
+    for name in ("valid", "test"):
+        p = d / f"{name}_candidates.npz"
+        if p.exists():
+            try:
+                z = np.load(p)
+                cu, ci = z["users"].astype(np.int64), z["items"].astype(np.int64)
+            except (OSError, ValueError, KeyError) as e:
+                raise PipelineError(f"{p} is unreadable or lacks users/items arrays ({e}); "
+                                    f"rerun stage 40")
+            if ci.ndim != 2 or ci.shape[0] != cu.shape[0] or ci.shape[1] < 2:
+                raise PipelineError(f"{p}: items must be [users, 1 + N] with N >= 1, got "
+                                    f"{ci.shape} for {cu.shape[0]} users; rerun stage 40")
+            if cu.size and (cu.min() < 0 or cu.max() >= n_users or ci.min() < 0
+                            or ci.max() >= n_items):
+                raise PipelineError(f"{p}: ids outside 0..n_users-1 / 0..n_items-1; rerun "
+                                    f"stage 40")
+            cands[name] = (torch.from_numpy(cu).to(device), torch.from_numpy(ci).to(device))
+    return Data(manifest=man, n_users=n_users, n_items=n_items,
+                rating_scale=(float(scale[0]), float(scale[1])), global_mean=gmean,
+                rating_std=std, task=task, train=parts["train"], valid=parts["valid"],
+                test=parts["test"], train_csr=train_bin,
+                train_keys=torch.from_numpy(keys).to(device), candidates=cands, device=device)
+
+
+def is_member(keys_sorted: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Bool mask: which ``keys`` occur in the sorted 1-D tensor ``keys_sorted``."""
+    if keys_sorted.numel() == 0:
+        return torch.zeros_like(keys, dtype=torch.bool)
+    pos = torch.searchsorted(keys_sorted, keys).clamp(max=keys_sorted.numel() - 1)
+    return keys_sorted[pos] == keys
+
+
+def sample_negatives(users: torch.Tensor, n_items: int, n_neg: int, train_keys: torch.Tensor,
+                     generator: torch.Generator, max_rounds: int = 20) -> torch.Tensor:
+    """[len(users), n_neg] uniform item ids the user has not interacted with in train.
+
+    Drawn for all rows at once; collisions with train positives are redrawn (vectorised) for
+    up to ``max_rounds`` rounds (users who rated almost everything may keep a few).
+    """
+    dev = users.device
+    neg = torch.randint(0, n_items, (users.shape[0], n_neg), device=dev, generator=generator)
+    u = users.unsqueeze(1)
+    for _ in range(max_rounds):
+        bad = is_member(train_keys, u * n_items + neg)
+        nbad = int(bad.sum())
+        if nbad == 0:
+            break
+        neg[bad] = torch.randint(0, n_items, (nbad,), device=dev, generator=generator)
+    return neg
+
+
+def exclusion_rows(csr: sp.csr_matrix, users: np.ndarray, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row positions, item ids) of the csr entries of ``users``, for masking a score block."""
+    sub = csr[users].tocoo()
+    return (torch.from_numpy(sub.row.astype(np.int64)).to(device),
+            torch.from_numpy(sub.col.astype(np.int64)).to(device))

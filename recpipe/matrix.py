@@ -1,0 +1,149 @@
+"""Stage 40: CSR user x item matrices in one shared id space.
+
+Reads ``30_split_train_test/`` and writes ``40_make_sparse_matrix/``:
+
+* ``train.npz``, ``valid.npz``, ``test.npz``: scipy CSR float32 [n_users, n_items] of the
+  explicit ratings (rows whose rating is NaN, i.e. interactions kept without a rating, are
+  left out of these);
+* ``train_implicit.npz``, ``valid_implicit.npz``, ``test_implicit.npz``: the binary view,
+  1.0 for every interaction (unrated ones included);
+* for leave-one-out / NCF splits, ``valid_candidates.npz`` and ``test_candidates.npz`` with
+  ``users`` int32 [n] and ``items`` int32 [n, 1 + N], column 0 the held-out positive, the
+  other columns that row's negatives in their stored order.
+
+Every matrix has the shape (n_users, n_items) of stage 20, whatever part it holds. The CSR
+arrays are built directly (bincount for the row pointers), indices int32, sorted within
+each row.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from .artifacts import StageOutput, read_manifest, stage_dir, upstream_entry
+from .artifacts import read_columns
+from .cli import PipelineError, command_line, config_dict, opt, parse_config, print_config
+
+log = logging.getLogger("recpipe")
+
+STAGE = "40_make_sparse_matrix"
+UPSTREAM = "30_split_train_test"
+PROG = "40_make_sparse_matrix.py"
+DESCRIPTION = ("Build CSR user x item matrices (explicit float32 ratings and a binary "
+               "implicit view) for train / valid / test in one shared id space, plus the "
+               "evaluation candidates of leave-one-out / NCF splits. Reads "
+               "DATA_DIR/30_split_train_test, writes DATA_DIR/40_make_sparse_matrix.")
+PARTS = ("train", "valid", "test")
+
+
+@dataclass
+class Config:
+    data_dir: Path = opt(Path("data"), "data folder holding the stage artifacts")
+
+
+def to_csr(u: np.ndarray, i: np.ndarray, values: np.ndarray, n_users: int, n_items: int,
+           ) -> sp.csr_matrix:
+    """CSR float32 [n_users, n_items] from (user, item, value) triples with unique pairs."""
+    u = np.asarray(u, dtype=np.int64)
+    i = np.asarray(i, dtype=np.int64)
+    values = np.asarray(values, dtype=np.float32)
+    if len(u):
+        if u.min() < 0 or u.max() >= n_users or i.min() < 0 or i.max() >= n_items:
+            raise PipelineError(
+                f"ids outside the shared id space [{n_users} users, {n_items} items] (user_idx "
+                f"{u.min()}..{u.max()}, item_idx {i.min()}..{i.max()}); rerun "
+                f"`python 30_split_train_test.py` from the current stage 20")
+        key = u * np.int64(n_items) + i
+        if not (key[1:] > key[:-1]).all():
+            order = np.argsort(key, kind="stable")
+            u, i, values, key = u[order], i[order], values[order], key[order]
+            if (key[1:] == key[:-1]).any():
+                raise PipelineError("a (user, item) pair occurs twice in one split part; rerun "
+                                    "`python 20_make_ids.py` (it removes duplicates)")
+    indptr = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(np.bincount(u, minlength=n_users), out=indptr[1:])
+    idx_dtype = np.int32 if len(u) < 2**31 else np.int64
+    return sp.csr_matrix((values, i.astype(idx_dtype), indptr.astype(idx_dtype)),
+                         shape=(n_users, n_items))
+
+
+def part_matrices(df: Any, n_users: int, n_items: int,
+                  ) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """(explicit, implicit) CSR matrices of one split part (a DataFrame or column mapping)."""
+    u = np.asarray(df["user_idx"], dtype=np.int64)
+    i = np.asarray(df["item_idx"], dtype=np.int64)
+    r = np.asarray(df["rating"], dtype=np.float32)
+    rated = ~np.isnan(r)
+    explicit = to_csr(u[rated], i[rated], r[rated], n_users, n_items)
+    implicit = to_csr(u, i, np.ones(len(u), dtype=np.float32), n_users, n_items)
+    return explicit, implicit
+
+
+def candidates(df: Any, negatives: np.ndarray, path: Path) -> dict[str, np.ndarray]:
+    n = len(df["user_idx"])
+    if negatives.ndim != 2 or negatives.shape[0] != n:
+        raise PipelineError(f"{path} has shape {negatives.shape} but its part has {n} "
+                            f"rows; rerun `python 30_split_train_test.py`")
+    items = np.empty((n, 1 + negatives.shape[1]), dtype=np.int32)
+    items[:, 0] = np.asarray(df["item_idx"], dtype=np.int32)
+    items[:, 1:] = negatives
+    return {"users": np.asarray(df["user_idx"], dtype=np.int32), "items": items}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = parse_config(Config, argv, PROG, DESCRIPTION)
+    print_config(cfg, PROG)
+    up = read_manifest(cfg.data_dir, UPSTREAM, needed_by=PROG)
+    src = stage_dir(cfg.data_dir, UPSTREAM)
+    n_users, n_items = int(up["n_users"]), int(up["n_items"])
+    n_neg = int(up.get("n_negatives") or 0)
+    nnz: dict[str, int] = {}
+    global_mean: float | None = None
+    n_candidates: dict[str, Any] = {}
+    with StageOutput(cfg.data_dir, STAGE) as out:
+        for name in PARTS:
+            df = read_columns(src / f"{name}.parquet")
+            explicit, implicit = part_matrices(df, n_users, n_items)
+            sp.save_npz(out.path(f"{name}.npz"), explicit, compressed=False)
+            sp.save_npz(out.path(f"{name}_implicit.npz"), implicit, compressed=False)
+            nnz[name] = int(explicit.nnz)
+            nnz[f"{name}_implicit"] = int(implicit.nnz)
+            if name == "train":
+                global_mean = float(explicit.data.mean(dtype=np.float64)) if explicit.nnz else None
+            neg_path = src / f"{name}_negatives.npy"
+            if name != "train" and neg_path.exists():
+                cand = candidates(df, np.load(neg_path), neg_path)
+                np.savez(out.path(f"{name}_candidates.npz"), **cand)
+                n_candidates[name] = int(len(cand["users"]))
+            del df, explicit, implicit
+        task = "implicit" if up.get("task") == "implicit" or n_candidates else "explicit"
+        manifest = {
+            "command": command_line(PROG, argv),
+            "config": config_dict(cfg),
+            "upstream": upstream_entry(cfg.data_dir, UPSTREAM),
+            "dataset": up.get("dataset"),
+            "rating_scale": up.get("rating_scale"),
+            "has_timestamp": up.get("has_timestamp"),
+            "strategy": up.get("strategy"),
+            "n_users": n_users,
+            "n_items": n_items,
+            "shape": [n_users, n_items],
+            "nnz": nnz,
+            "global_mean": global_mean,
+            "n_negatives": n_neg,
+            "candidates": n_candidates,
+            "task": task,
+            "dtype": "float32",
+        }
+        out.commit(manifest)
+    log.info("%s: %d x %d; nnz train %d, valid %d, test %d (implicit %d/%d/%d); global mean "
+             "%s; task %s -> %s", STAGE, n_users, n_items, nnz["train"], nnz["valid"],
+             nnz["test"], nnz["train_implicit"], nnz["valid_implicit"], nnz["test_implicit"],
+             "n/a" if global_mean is None else f"{global_mean:.4f}", task,
+             stage_dir(cfg.data_dir, STAGE))
+    log.info("next: python 60_train.py --data-dir %s", cfg.data_dir)

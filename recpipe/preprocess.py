@@ -1,0 +1,470 @@
+"""Stage 10: raw rating files -> one merged ratings table (+ item titles) in Parquet.
+
+Detects the source format from the path and its content (``--format`` overrides), reads it
+with the fast reader of :mod:`recpipe.readers`, and writes ``DATA_DIR/10_preprocessing/``
+atomically: ``ratings.parquet``, ``items.parquet`` (when the source has titles) and
+``manifest.json`` last.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import readers
+from .artifacts import StageOutput, write_parquet
+from .cli import PipelineError, command_line, config_dict, log, opt, parse_config, print_config, \
+    progress_disabled
+
+STAGE = "10_preprocessing"
+ROW_GROUP = 1 << 20
+PROG = "10_preprocessing.py"
+DESCRIPTION = ("Read raw rating files (Netflix Prize, MovieLens 100K/1M/10M/20M/25M/latest, Kaggle "
+               "anime, NCF .train.rating, any CSV/TSV; .gz and .zip too) and write one merged "
+               "ratings table plus item titles to DATA_DIR/10_preprocessing/. "
+               "`--input demo` generates a deterministic demo dataset; `--download NAME` fetches a "
+               "MovieLens archive first.")
+
+FORMATS = ["auto", "netflix", "ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m", "ml-latest",
+           "ml-latest-small", "anime", "ncf", "csv", "demo"]
+ML_DAT = {"ml-1m", "ml-10m"}
+ML_CSV = {"ml-20m", "ml-25m", "ml-latest", "ml-latest-small"}
+EXPECTED_FOLDER = ("a Netflix training_set/ (mv_*.txt) or combined_data_*.txt, MovieLens u.data, "
+                   "ratings.dat or ratings.csv, Kaggle anime rating.csv, an NCF *.train.rating, "
+                   "or a CSV/TSV file")
+
+
+@dataclass
+class Config:
+    input: str = opt("", "ratings file or folder, or `demo` for the generated demo dataset")
+    format: str = opt("auto", "source format; auto detects it from the path and content",
+                      choices=FORMATS)
+    data_dir: Path = opt(Path("data"), "pipeline data folder; writes DATA_DIR/10_preprocessing/")
+    titles: str = opt("", "Netflix movie_titles.txt; empty: looked up next to the input")
+    columns: str = opt("", "csv: user,item,rating[,timestamp] columns as header names or 0-based "
+                           "positions, e.g. userId,movieId,rating or 0,1,2,3")
+    sep: str = opt("", "csv: column separator (a character, or tab/comma/semicolon/pipe/space/::); "
+                       "sniffed when empty")
+    header: Optional[bool] = opt(None, "csv: the first line is a header (--header) or data "
+                                       "(--no-header); detected when not given")
+    rating_scale: list[float] = opt([], "csv/ncf: the valid rating range LO HI; ratings outside "
+                                        "it are errors; empty: the observed range")
+    keep_unrated: bool = opt(False, "anime: keep rating -1 (watched, not rated) rows with rating "
+                                    "NaN as implicit interactions instead of dropping them")
+    download: str = opt("", "fetch a MovieLens archive by name (ml-100k, ml-1m, ml-10m, "
+                            "ml-latest-small, ml-20m, ml-25m, ml-latest) into DATA_DIR/raw/ and "
+                            "preprocess it")
+    base_url: str = opt("https://files.grouplens.org/datasets/movielens",
+                        "where --download fetches NAME.zip and NAME.zip.md5 from")
+    seed: int = opt(42, "demo: random seed of the generated dataset")
+    demo_users: int = opt(6000, "demo: number of users")
+    demo_items: int = opt(1500, "demo: number of movies")
+    demo_ratings: int = opt(600_000, "demo: approximate number of ratings")
+
+    def validate(self) -> None:
+        if not self.input and not self.download and self.format != "demo":
+            raise PipelineError("give --input PATH (a ratings file or folder, or `demo`) or "
+                                "--download NAME")
+        if self.input and self.download:
+            raise PipelineError("give either --input or --download, not both")
+        if self.rating_scale and (len(self.rating_scale) != 2
+                                  or self.rating_scale[0] > self.rating_scale[1]):
+            raise PipelineError(f"--rating-scale {self.rating_scale}: expected two numbers LO HI "
+                                f"with LO <= HI")
+        if self.demo_users < 10 or self.demo_items < 10 or self.demo_ratings < 100:
+            raise PipelineError("--demo-users/--demo-items must be >= 10 and --demo-ratings >= 100")
+
+
+# --------------------------------------------------------------------------- detection
+
+def _strip_gz(name: str) -> str:
+    return name[:-3] if name.endswith(".gz") else name
+
+
+def _glob(folder: Path, pattern: str) -> list[Path]:
+    """Files matching pattern, sorted by name (string sort: 17,770 Paths sort slowly)."""
+    import fnmatch
+    with os.scandir(folder) as it:
+        names = sorted(e.name for e in it if fnmatch.fnmatchcase(e.name, pattern) and e.is_file())
+    return [folder / n for n in names]
+
+
+def _ml_dataset(folder: Path, default: str) -> str:
+    name = folder.name.lower()
+    for known in ["ml-latest-small", "ml-100k", "ml-10m", "ml-1m", "ml-20m", "ml-25m", "ml-32m",
+                  "ml-latest"]:
+        if name.startswith(known):
+            return known
+    return default
+
+
+@dataclass
+class Source:
+    fmt: str                 # reader: netflix | netflix-combined | ml-100k | ml-dat | ml-csv | anime | ncf | csv
+    dataset: str
+    files: list[Path]        # rating files
+    extra: Path | None = None  # titles / item file
+
+
+def _find_titles(start: Path) -> Path | None:
+    for folder in [start, start.parent, start.parent.parent]:
+        for name in ["movie_titles.txt", "movie_titles.csv", "movie_titles.txt.gz"]:
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def _sibling(path: Path, *names: str) -> Path | None:
+    for n in names:
+        for cand in (path.parent / n, path.parent / (n + ".gz")):
+            if cand.is_file():
+                return cand
+    return None
+
+
+def _sniff_file(path: Path) -> str:
+    """Format of a single file from its name, then its first line."""
+    name = _strip_gz(path.name).lower()
+    if re.fullmatch(r"mv_\d+\.txt", name):
+        return "netflix"
+    if re.fullmatch(r"combined_data_\d+\.txt", name):
+        return "netflix-combined"
+    if name == "u.data":
+        return "ml-100k"
+    if name.endswith(".train.rating"):
+        return "ncf"
+    data = readers.head_bytes(path)
+    readers.check_text(data, path, EXPECTED_FOLDER)
+    first = readers._first_line(data).strip()
+    low = first.lower().replace(" ", "")
+    if re.fullmatch(r"\d+:", first):
+        nl = [l for l in data.split(b"\n")[1:-1] if l.strip()]
+        return "netflix-combined" if any(l.rstrip(b"\r").endswith(b":") for l in nl) else "netflix"
+    if name == "ratings.dat" or re.fullmatch(r"\d+::\d+::[\d.]+::\d+", first):
+        return "ml-dat"
+    if low.startswith("userid,movieid,rating"):
+        return "ml-csv"
+    if low.startswith("user_id,anime_id,rating"):
+        return "anime"
+    return "csv"
+
+
+def detect(path: Path, fmt: str, titles: str) -> Source:
+    """What to read, from the path (file or folder), its content and --format."""
+    if not path.exists():
+        raise PipelineError(f"{path}: no such file or folder; expected {EXPECTED_FOLDER} "
+                            f"(or `--input demo`)")
+    titles_path = Path(titles) if titles else None
+    if titles_path is not None and not titles_path.is_file():
+        raise PipelineError(f"--titles {titles_path}: no such file; expected movie_titles.txt")
+    if path.is_dir():
+        folder = path
+        ts = folder / "training_set"
+        mv = _glob(folder, "mv_*.txt") + _glob(folder, "mv_*.txt.gz")
+        if not mv and ts.is_dir():
+            mv = _glob(ts, "mv_*.txt") + _glob(ts, "mv_*.txt.gz")
+        combined = _glob(folder, "combined_data_*.txt") + _glob(folder, "combined_data_*.txt.gz")
+        cand = {n: _sibling(folder / "x", n) for n in
+                ["u.data", "ratings.dat", "ratings.csv", "rating.csv"]}
+        ncf = _glob(folder, "*.train.rating") + _glob(folder, "*.train.rating.gz")
+        if fmt in ("netflix", "auto") and (mv or combined):
+            if mv:
+                return Source("netflix", "netflix", mv, titles_path or _find_titles(mv[0].parent))
+            return Source("netflix-combined", "netflix", combined, titles_path or _find_titles(folder))
+        if fmt in ("ml-100k", "auto") and cand["u.data"]:
+            return Source("ml-100k", "ml-100k", [cand["u.data"]], _sibling(cand["u.data"], "u.item"))
+        if (fmt in ML_DAT or fmt == "auto") and cand["ratings.dat"]:
+            r = cand["ratings.dat"]
+            return Source("ml-dat", fmt if fmt in ML_DAT else _ml_dataset(folder, "ml-1m"), [r],
+                          _sibling(r, "movies.dat"))
+        if (fmt in ML_CSV or fmt == "auto") and cand["ratings.csv"]:
+            r = cand["ratings.csv"]
+            return Source("ml-csv", fmt if fmt in ML_CSV else _ml_dataset(folder, "ml-latest"), [r],
+                          _sibling(r, "movies.csv"))
+        if fmt in ("anime", "auto") and cand["rating.csv"]:
+            r = cand["rating.csv"]
+            return Source("anime", "anime", [r], _sibling(r, "anime.csv"))
+        if fmt in ("ncf", "auto") and ncf:
+            if len(ncf) > 1:
+                raise PipelineError(f"{folder}: several NCF files {[p.name for p in ncf]}; point "
+                                    f"--input at one *.train.rating file")
+            return Source("ncf", "ncf-" + _strip_gz(ncf[0].name).split(".train.rating")[0], ncf)
+        found = sorted(p.name for p in folder.iterdir())[:12]
+        want = EXPECTED_FOLDER if fmt == "auto" else f"the files of format {fmt}"
+        raise PipelineError(f"{folder}: cannot find ratings in this folder (it holds {found}); "
+                            f"expected {want}; point --input at the ratings file, or pass "
+                            f"--format csv --columns U,I,R[,T] for your own CSV")
+    # a single file
+    kind = _sniff_file(path) if fmt == "auto" else {
+        "netflix": "netflix", "ml-100k": "ml-100k", "anime": "anime", "ncf": "ncf", "csv": "csv",
+        **{k: "ml-dat" for k in ML_DAT}, **{k: "ml-csv" for k in ML_CSV}}[fmt]
+    if kind == "netflix" and fmt == "netflix" and re.fullmatch(
+            r"combined_data_\d+\.txt", _strip_gz(path.name).lower()):
+        kind = "netflix-combined"
+    if kind == "netflix":
+        return Source("netflix", "netflix", [path], titles_path or _find_titles(path.parent))
+    if kind == "netflix-combined":
+        return Source("netflix-combined", "netflix", [path], titles_path or _find_titles(path.parent))
+    if kind == "ml-100k":
+        return Source("ml-100k", "ml-100k", [path], _sibling(path, "u.item"))
+    if kind == "ml-dat":
+        return Source("ml-dat", fmt if fmt in ML_DAT else _ml_dataset(path.parent, "ml-1m"), [path],
+                      _sibling(path, "movies.dat"))
+    if kind == "ml-csv":
+        return Source("ml-csv", fmt if fmt in ML_CSV else _ml_dataset(path.parent, "ml-latest"),
+                      [path], _sibling(path, "movies.csv"))
+    if kind == "anime":
+        return Source("anime", "anime", [path], _sibling(path, "anime.csv"))
+    if kind == "ncf":
+        return Source("ncf", "ncf-" + _strip_gz(path.name).split(".train.rating")[0], [path])
+    return Source("csv", "csv", [path])
+
+
+# --------------------------------------------------------------------------- reading
+
+def read_source(src: Source, cfg: Config, sink=None) -> readers.RawRatings:
+    items = None
+    n_unrated = 0
+    scale: tuple[float, float]
+    if src.fmt in ("netflix", "netflix-combined"):
+        if src.fmt == "netflix":
+            from tqdm import tqdm
+            prog = (lambda it: tqdm(it, desc="netflix files", unit="file",
+                                    disable=progress_disabled() or len(src.files) < 200))
+            table = readers.read_netflix_files(src.files, prog, sink)
+        else:
+            table = readers.read_netflix_combined(src.files, sink)
+        scale = (1.0, 5.0)
+        if src.extra is not None:
+            items = readers.read_netflix_titles(src.extra)
+        else:
+            log.info("no movie_titles.txt found next to the input (pass --titles): no items.parquet")
+        fmt = "netflix"
+    elif src.fmt == "ml-100k":
+        table, items = readers.read_ml100k(src.files[0], src.extra)
+        scale, fmt = (1.0, 5.0), "ml-100k"
+    elif src.fmt == "ml-dat":
+        scale = (1.0, 5.0) if src.dataset == "ml-1m" else (0.5, 5.0)
+        table, items = readers.read_ml_dat(src.files[0], src.extra, scale)
+        fmt = "movielens-dat"
+    elif src.fmt == "ml-csv":
+        table, items = readers.read_ml_csv(src.files[0], src.extra)
+        scale, fmt = (0.5, 5.0), "movielens-csv"
+    elif src.fmt == "anime":
+        table, items, n_unrated = readers.read_anime(src.files[0], src.extra, cfg.keep_unrated)
+        scale, fmt = (1.0, 10.0), "anime"
+    elif src.fmt == "ncf":
+        table = readers.read_ncf(src.files[0])
+        r = table.column("rating")
+        scale = tuple(cfg.rating_scale) if cfg.rating_scale else (
+            float(pc.min(r).as_py()), float(pc.max(r).as_py()))
+        if cfg.rating_scale:
+            seg = readers.Segment(src.files[0], 1, table.num_rows)
+            readers._check_range(r.to_numpy(), scale[0], scale[1], [seg],
+                                 f"ratings within [{scale[0]:g}, {scale[1]:g}] (--rating-scale)")
+        fmt = "ncf"
+    else:
+        table, scale = readers.read_generic(src.files[0], cfg.columns, cfg.sep, cfg.header,
+                                            tuple(cfg.rating_scale) if cfg.rating_scale else None)
+        fmt = "csv"
+    dropped = {"unrated": n_unrated if not cfg.keep_unrated else 0}
+    return readers.RawRatings(table, items, fmt, src.dataset, _inputs(src), scale, n_unrated, dropped)
+
+
+def _inputs(src: Source) -> list[str]:
+    """The input files for the manifest; thousands of per-movie files are summarised."""
+    files = [str(p) for p in src.files]
+    if len(files) > 10:
+        files = [f"{src.files[0].parent}/{src.files[0].name} .. {src.files[-1].name} "
+                 f"({len(files)} files)"]
+    return files + ([str(src.extra)] if src.extra else [])
+
+
+def _extract_zip(path: Path, into: Path) -> Path:
+    """Extract a .zip input into a temporary folder; the folder to read from."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+            if bad is not None:
+                raise PipelineError(f"{path}: corrupt zip member {bad!r} (CRC mismatch); download "
+                                    f"the archive again")
+            for m in zf.namelist():
+                if m.startswith("/") or ".." in Path(m).parts:
+                    raise PipelineError(f"{path}: unsafe member name {m!r} in the zip; refusing to "
+                                        f"extract it")
+            zf.extractall(into)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+        raise PipelineError(f"{path}: not a valid zip archive ({e}); expected a complete .zip of "
+                            f"ratings files: download it again") from None
+    entries = [p for p in into.iterdir() if not p.name.startswith("__MACOSX")]
+    if len(entries) == 1:
+        return entries[0]
+    return into
+
+
+# --------------------------------------------------------------------------- main
+
+class _Stats:
+    """Row count, distinct users/items and rating mean, accumulated chunk by chunk."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.users: list = []
+        self.items: list = []
+        self.rating_sum = 0.0
+        self.n_rated = 0
+        self.schema: pa.Schema | None = None
+
+    def add(self, t: pa.Table) -> None:
+        self.n += t.num_rows
+        self.users.append(pc.unique(t.column("raw_user_id")))
+        self.items.append(pc.unique(t.column("raw_item_id")))
+        r = t.column("rating")
+        self.rating_sum += pc.sum(r).as_py() or 0.0
+        self.n_rated += len(r) - r.null_count - int(pc.sum(pc.is_nan(r)).as_py() or 0)
+        self.schema = t.schema
+
+    def finish(self) -> dict:
+        def distinct(parts: list) -> int:
+            return pc.count_distinct(pa.chunked_array(parts)).as_py() if parts else 0
+        return {"n_ratings": self.n, "n_users": distinct(self.users), "n_items": distinct(self.items),
+                "mean": self.rating_sum / self.n_rated if self.n_rated else None,
+                "schema": self.schema}
+
+
+class _StreamWriter:
+    """Writes ratings.parquet chunk by chunk in a background thread while the reader parses."""
+
+    def __init__(self, path: Path):
+        from concurrent.futures import ThreadPoolExecutor
+        self.path = path
+        self.writer: pq.ParquetWriter | None = None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="parquet-write")
+        self.futures: list = []
+        self.stats = _Stats()
+
+    def __call__(self, table: pa.Table) -> None:
+        self.futures.append(self.pool.submit(self._write, table))
+
+    def _write(self, table: pa.Table) -> None:
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, table.schema, compression="zstd")
+        self.writer.write_table(table, row_group_size=ROW_GROUP)
+        self.stats.add(table)
+
+    @property
+    def used(self) -> bool:
+        return bool(self.futures)
+
+    def close(self, ok: bool) -> None:
+        try:
+            if ok:
+                for f in self.futures:
+                    f.result()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=not ok)
+            if self.writer is not None:
+                self.writer.close()
+
+
+def _read_input(cfg: Config, sink) -> readers.RawRatings:
+    data_dir = Path(cfg.data_dir)
+    fmt = cfg.format
+    inp = cfg.input
+    if cfg.download:
+        from .download import download
+        inp = str(download(cfg.download, data_dir / "raw", cfg.base_url))
+    if inp == "demo" or fmt == "demo":
+        from .demo import DemoSpec, ensure_demo
+        folder = ensure_demo(data_dir / "raw" / "demo",
+                             DemoSpec(cfg.seed, cfg.demo_users, cfg.demo_items, cfg.demo_ratings))
+        src = Source("netflix", "demo", _glob(folder / "training_set", "mv_*.txt"),
+                     folder / "movie_titles.txt")
+        return read_source(src, cfg, sink)
+    path = Path(inp)
+    if path.is_file() and path.suffix.lower() == ".zip":
+        with tempfile.TemporaryDirectory(prefix="recpipe-zip-") as tmp:
+            root = _extract_zip(path, Path(tmp))
+            try:
+                src = detect(root, fmt, cfg.titles)
+                raw = read_source(src, cfg, sink)
+            except PipelineError as e:
+                raise PipelineError(str(e).replace(tmp, f"{path}:")) from None
+            raw.inputs = [s.replace(tmp, f"{path}:") for s in raw.inputs]
+            return raw
+    src = detect(path, fmt, cfg.titles)
+    return read_source(src, cfg, sink)
+
+
+def run(cfg: Config, argv: Sequence[str] | None) -> Path:
+    t0 = time.time()
+    with StageOutput(cfg.data_dir, STAGE) as out:
+        stream = _StreamWriter(out.path("ratings.parquet"))
+        ok = False
+        try:
+            raw = _read_input(cfg, stream)
+            ok = True
+        finally:
+            stream.close(ok)
+        return write_artifact(raw, cfg, argv, out, t0, time.time() - t0, streamed=stream.used,
+                              stats=stream.stats)
+
+
+def write_artifact(raw: readers.RawRatings, cfg: Config, argv, out: StageOutput, t0: float,
+                   t_read: float, streamed: bool = False, stats: _Stats | None = None) -> Path:
+    if streamed:
+        st = stats.finish()
+    else:
+        st = _Stats()
+        if raw.table.num_rows:
+            st.add(raw.table)
+        st = st.finish()
+        st["schema"] = raw.table.schema
+    n, n_users, n_items, mean = st["n_ratings"], st["n_users"], st["n_items"], st["mean"]
+    if n == 0:
+        raise PipelineError(f"{', '.join(raw.inputs[:2])}: no ratings left to write "
+                            f"(dropped {raw.dropped}); expected at least one rating")
+    has_ts = "timestamp" in st["schema"].names
+    schema = {f.name: str(f.type) for f in st["schema"]}
+    if not streamed:
+        pq.write_table(raw.table, out.path("ratings.parquet"), compression="zstd",
+                       row_group_size=ROW_GROUP)
+    if raw.items is not None:
+        write_parquet(raw.items, out.path("items.parquet"))
+    manifest = {
+        "dataset": raw.dataset, "format": raw.fmt, "inputs": raw.inputs,
+        "n_ratings": n, "n_users": n_users, "n_items": n_items,
+        "n_titles": 0 if raw.items is None else len(raw.items),
+        "rating_scale": list(raw.rating_scale),
+        "rating_mean": None if mean is None else round(float(mean), 6),
+        "has_timestamp": has_ts, "has_titles": raw.items is not None,
+        "n_unrated": raw.n_unrated, "dropped": raw.dropped,
+        "dtypes": schema, "config": config_dict(cfg), "command": command_line(PROG, argv),
+        "read_write_seconds": round(t_read, 3),
+    }
+    final = out.commit(manifest)
+    secs = time.time() - t0
+    log.info("%s: %s ratings, %s users, %s items (%s, %s) in %.1fs (%.2fM ratings/s) -> %s",
+             STAGE, f"{n:,}", f"{n_users:,}", f"{n_items:,}", raw.dataset, raw.fmt,
+             secs, n / max(secs, 1e-9) / 1e6, final)
+    if raw.n_unrated:
+        log.info("%s rows had no rating (-1): %s", f"{raw.n_unrated:,}",
+                 "kept with rating NaN" if cfg.keep_unrated else "dropped (--keep-unrated keeps them)")
+    log.info("next: python 20_make_ids.py --data-dir %s", cfg.data_dir)
+    return final
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    cfg = parse_config(Config, argv, PROG, DESCRIPTION)
+    print_config(cfg, PROG)
+    return run(cfg, argv)

@@ -1,0 +1,52 @@
+"""Per-model, per-task defaults ("presets") for stage 60.
+
+A preset fills every training option the user did not give on the command line. The values
+were chosen on the VALIDATION split only (never on test); docs/presets.md records, for each
+preset, the validation numbers it was chosen on and the commands that produced them.
+
+Units: ``reg`` is the per-sample L2 weight on the embedding rows a batch uses (in the
+model's standardised units: explicit models predict (r - mean) / std of the train ratings,
+so the same value carries over to another rating scale); ``init_std`` is the standard
+deviation of the embedding initialisation in the same units; ``batch_size`` counts training
+samples (for implicit: positives plus their sampled negatives); 0 means full batch.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+DEFAULT_TASK = {"mf": "explicit", "deepmf": "explicit", "gmf": "implicit", "mlp": "implicit",
+                "neumf": "implicit"}
+
+_COMMON: dict[str, Any] = {
+    "optimizer": "adam", "momentum": 0.9, "lr_schedule": "plateau", "lr_decay": 0.5,
+    "patience": 4, "dropout": 0.0, "n_negatives": 4, "hidden": 64,
+    "layers": [64, 32, 16, 8],
+}
+
+PRESETS: dict[tuple[str, str], dict[str, Any]] = {
+    ("mf", "explicit"): {"dim": 128, "lr": 1e-2, "batch_size": 2048, "reg": 0.1,
+                         "init_std": 0.1, "epochs": 60},
+    ("deepmf", "explicit"): {"dim": 128, "hidden": 64, "lr": 5e-3, "batch_size": 2048,
+                             "reg": 0.1, "init_std": 0.1, "epochs": 60},
+    ("gmf", "explicit"): {"dim": 32, "lr": 2e-3, "batch_size": 1024, "reg": 0.05,
+                          "init_std": 0.1, "epochs": 60},
+    ("mlp", "explicit"): {"layers": [64, 32, 16, 8], "lr": 1e-3, "batch_size": 1024,
+                          "reg": 0.01, "init_std": 0.1, "epochs": 60},
+    ("neumf", "explicit"): {"dim": 32, "layers": [64, 32, 16, 8], "lr": 1e-3,
+                            "batch_size": 1024, "reg": 0.05, "init_std": 0.1, "epochs": 60},
+    ("mf", "implicit"): {"dim": 32, "lr": 1e-3, "batch_size": 1024, "reg": 1e-4,
+                         "init_std": 0.01, "epochs": 30},
+    ("deepmf", "implicit"): {"dim": 64, "hidden": 32, "lr": 1e-3, "batch_size": 1024,
+                             "reg": 1e-4, "init_std": 0.01, "epochs": 30},
+    ("gmf", "implicit"): {"dim": 16, "lr": 1e-3, "batch_size": 1024, "reg": 0.0,
+                          "init_std": 0.01, "epochs": 30},
+    ("mlp", "implicit"): {"layers": [64, 32, 16, 8], "lr": 1e-3, "batch_size": 1024,
+                          "reg": 0.0, "init_std": 0.01, "epochs": 30},
+    ("neumf", "implicit"): {"dim": 16, "layers": [64, 32, 16, 8], "lr": 1e-3,
+                            "batch_size": 1024, "reg": 0.0, "init_std": 0.01, "epochs": 30},
+}
+
+
+def preset(model: str, task: str) -> dict[str, Any]:
+    """The full set of defaults for ``model`` trained on ``task``."""
+    return {**_COMMON, **PRESETS[(model, task)]}

@@ -1,0 +1,794 @@
+"""Stage 30: seeded, reproducible train / valid / test splits in stage 20's id space.
+
+Reads ``20_make_ids/`` and writes ``30_split_train_test/`` with ``train.parquet``,
+``valid.parquet``, ``test.parquet`` (the columns of ``20_make_ids/ratings.parquet``) and,
+for the leave-one-out and NCF protocols, ``valid_negatives.npy`` / ``test_negatives.npy``
+(int32 [rows of that part, N]; row j holds the negatives of row j).
+
+Strategies (``--strategy``) and their stated rules:
+
+* ``random``: a seeded permutation puts ``--test-ratio`` of the ratings in test, then
+  ``--valid-ratio`` of the rest in valid.
+* ``user-random``: per user, round(ratio * n_u) random ratings to test, then round(valid_ratio
+  * the rest) to valid; every user keeps at least one train rating.
+* ``temporal-global``: one global cut-off at the (1 - test_ratio) quantile of the
+  timestamps: every test rating is at or after it, every train rating strictly before; the
+  valid part is cut the same way from train.
+* ``temporal-user``: per user the latest round(ratio * n_u) ratings are test, the next
+  latest valid; at least one train rating per user. Equal timestamps: larger item_idx is
+  later.
+* ``loo``: each user's latest interaction is test, the second latest valid (equal
+  timestamps: larger item_idx is later; without timestamps a seeded random order); users
+  with fewer than 3 interactions stay entirely in train (counted). ``--negatives`` items
+  per user (default 99) are sampled uniformly without repeats among the items the user
+  never interacted with in any part.
+* ``probe``: the (movie, customer) pairs of a Netflix ``probe.txt`` are the test set; raw
+  ids are mapped through stage 20's maps; pairs with an unknown user/item or without a
+  rating are counted; valid is a random ``--valid-ratio`` of the rest.
+* ``kfold``: a seeded assignment of every rating to one of ``--folds`` folds (sizes differ
+  by at most one); ``--fold`` is test; valid is a random ``--valid-ratio`` of the rest.
+* ``ncf``: the NCF benchmark files ``PREFIX.test.rating`` / ``PREFIX.test.negative`` give
+  the test pairs and their exact negatives (in file order); the ratings of stage 20 (read
+  from ``PREFIX.train.rating``) are train, minus each user's latest train interaction
+  (valid, with sampled negatives) for users with at least two. For some users of the
+  published ML-1M files the positive also appears among the negatives: kept as is,
+  counted.
+
+Unseen users/items (``--unseen``): a valid/test rating whose user or item has no train
+rating is dropped (``drop``, the default for the explicit strategies) or kept (``keep``,
+the default for loo/ncf, where every item keeps its id and embedding). Counts go to the
+log and the manifest either way.
+
+Everything is vectorised (numpy sorts, bincount, searchsorted); negatives are drawn in
+rounds with numpy and rejected against a sorted user * n_items + item key array; each
+row of negatives is in ascending item order.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .artifacts import (StageOutput, dtypes_of, read_manifest, read_parquet, stage_dir,
+                        upstream_entry, write_parquet)
+from .artifacts import read_columns
+from .cli import (PipelineError, command_line, config_dict, opt, parse_config, print_config,
+                  set_seed)
+
+log = logging.getLogger("recpipe")
+
+STAGE = "30_split_train_test"
+UPSTREAM = "20_make_ids"
+PROG = "30_split_train_test.py"
+DESCRIPTION = (
+    "Split the ratings into train / valid / test with a seeded, reproducible strategy in "
+    "stage 20's shared id space. Reads DATA_DIR/20_make_ids, writes DATA_DIR/30_split_train_test. "
+    "Strategies: random (test ratio, then valid ratio of the rest); user-random (per-user "
+    "ratio); temporal-global (one time cut-off); temporal-user (each user's latest ratings); "
+    "loo (each user's latest interaction is test, the second latest valid, --negatives sampled "
+    "unrated items each; users with < 3 interactions stay in train); probe (the pairs of a "
+    "Netflix probe.txt are test); kfold (--folds K, --fold I is test); ncf (the NCF files "
+    "PREFIX.test.rating/.test.negative give test and its exact candidates). Valid/test "
+    "ratings whose user or item has no train rating follow --unseen; all counts go to the "
+    "manifest.")
+STRATEGIES = ("random", "user-random", "temporal-global", "temporal-user", "loo", "probe",
+              "kfold", "ncf")
+IMPLICIT_STRATEGIES = ("loo", "ncf")
+TRAIN, VALID, TEST, DROPPED = 0, 1, 2, -1
+PART_NAMES = {TRAIN: "train", VALID: "valid", TEST: "test"}
+
+
+@dataclass
+class Config:
+    data_dir: Path = opt(Path("data"), "data folder holding the stage artifacts")
+    strategy: str = opt("random", "how to split (described above)", choices=STRATEGIES)
+    test_ratio: float = opt(0.1, "share of the ratings (per user for user-random/"
+                                 "temporal-user) that go to test")
+    valid_ratio: float = opt(0.1, "share of the remaining train ratings carved out as valid "
+                                  "(ratio strategies; 0 = no valid part)")
+    seed: int = opt(42, "random seed: the same seed gives the same split")
+    probe: Path | None = opt(None, "Netflix probe.txt for --strategy probe")
+    negatives: int = opt(99, "sampled negatives per held-out interaction (loo; ncf valid uses "
+                             "the test file's count)")
+    folds: int = opt(5, "number of folds for --strategy kfold")
+    fold: int = opt(0, "which fold (0-based) is test for --strategy kfold")
+    ncf_test: str | None = opt(None, "NCF file prefix for --strategy ncf: reads "
+                                     "PREFIX.test.rating and PREFIX.test.negative")
+    unseen: str = opt("auto", "valid/test ratings whose user or item has no train rating: "
+                              "drop or keep; auto = keep for loo/ncf, drop otherwise",
+                      choices=("auto", "drop", "keep"))
+
+    def validate(self) -> None:
+        if not 0.0 <= self.test_ratio < 1.0:
+            raise PipelineError(f"--test-ratio must be in [0, 1), got {self.test_ratio}")
+        if not 0.0 <= self.valid_ratio < 1.0:
+            raise PipelineError(f"--valid-ratio must be in [0, 1), got {self.valid_ratio}")
+        if self.negatives < 0:
+            raise PipelineError(f"--negatives must be >= 0, got {self.negatives}")
+        if self.strategy == "probe" and self.probe is None:
+            raise PipelineError("--strategy probe needs --probe PATH (a Netflix probe.txt)")
+        if self.strategy == "ncf" and not self.ncf_test:
+            raise PipelineError("--strategy ncf needs --ncf-test PREFIX (reads "
+                                "PREFIX.test.rating and PREFIX.test.negative)")
+        if self.strategy == "kfold":
+            if self.folds < 2:
+                raise PipelineError(f"--folds must be >= 2, got {self.folds}")
+            if not 0 <= self.fold < self.folds:
+                raise PipelineError(f"--fold must be in 0..{self.folds - 1}, got {self.fold}")
+
+
+# ---------------------------------------------------------------------------------------
+# vectorised building blocks
+
+
+def pair_keys(u: np.ndarray, i: np.ndarray, n_items: int) -> np.ndarray:
+    """user * n_items + item as int64: one sortable key per (user, item) pair."""
+    return np.asarray(u, dtype=np.int64) * np.int64(n_items) + np.asarray(i, dtype=np.int64)
+
+
+def sorted_keys(u: np.ndarray, i: np.ndarray, n_items: int) -> np.ndarray:
+    k = pair_keys(u, i, n_items)
+    if len(k) > 1 and not (k[1:] >= k[:-1]).all():
+        k = np.sort(k)
+    return k
+
+
+def in_sorted(keys: np.ndarray, sorted_ref: np.ndarray) -> np.ndarray:
+    """Membership of ``keys`` in the sorted array ``sorted_ref`` (any shape)."""
+    if len(sorted_ref) == 0:
+        return np.zeros(np.shape(keys), dtype=bool)
+    pos = np.searchsorted(sorted_ref, keys)
+    np.minimum(pos, len(sorted_ref) - 1, out=pos)
+    return sorted_ref[pos] == keys
+
+
+def _order_by(u: np.ndarray, primary: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
+    """Row order by (u, primary, tiebreak), with a single stable argsort when possible."""
+    n = len(u)
+    if n > 1 and primary.dtype.kind in "iu":
+        lo, hi = int(primary.min()), int(primary.max())
+        span = hi - lo + 1
+        rows_in_tb_order = bool(np.all((u[1:] > u[:-1])
+                                       | ((u[1:] == u[:-1]) & (tiebreak[1:] >= tiebreak[:-1]))))
+        if rows_in_tb_order and (int(u.max()) + 1) * span < 2**62:
+            key = u.astype(np.int64) * np.int64(span) + (primary.astype(np.int64) - lo)
+            return np.argsort(key, kind="stable")  # ties keep row order = tiebreak order
+    return np.lexsort((tiebreak, primary, u))
+
+
+def rank_from_end(u: np.ndarray, primary: np.ndarray, tiebreak: np.ndarray, n_users: int,
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, how many of the user's rows come after it in (primary, tiebreak) order.
+
+    0 marks the user's last (latest) row. Returns (ranks, ratings per user).
+    """
+    order = _order_by(u, primary, tiebreak)
+    counts = np.bincount(u, minlength=n_users)
+    starts = np.cumsum(counts) - counts
+    us = u[order]
+    pos = np.arange(len(u), dtype=np.int64) - starts[us]
+    ranks = np.empty(len(u), dtype=np.int64)
+    ranks[order] = counts[us] - 1 - pos
+    return ranks, counts
+
+
+def _round_half_up(x: np.ndarray) -> np.ndarray:
+    return np.floor(x + 0.5).astype(np.int64)
+
+
+def per_user_holdout(u: np.ndarray, primary: np.ndarray, tiebreak: np.ndarray, n_users: int,
+                     test_ratio: float, valid_ratio: float) -> np.ndarray:
+    """Part labels: each user's last round(ratio * n_u) rows (in primary order) are test,
+    the next round(valid_ratio * rest) valid; at least one row per user stays in train."""
+    ranks, counts = rank_from_end(u, primary, tiebreak, n_users)
+    n_test = np.minimum(_round_half_up(counts * test_ratio), np.maximum(counts - 1, 0))
+    rest = counts - n_test
+    n_valid = np.minimum(_round_half_up(rest * valid_ratio), np.maximum(rest - 1, 0))
+    part = np.full(len(u), TRAIN, dtype=np.int8)
+    nt = n_test[u]
+    part[ranks < nt] = TEST
+    part[(ranks >= nt) & (ranks < nt + n_valid[u])] = VALID
+    return part
+
+
+def random_holdout(n: int, ratio: float, rng: np.random.Generator,
+                   among: np.ndarray | None = None) -> np.ndarray:
+    """Indices of round(ratio * len) rows drawn without replacement (from ``among``)."""
+    pool = np.arange(n) if among is None else among
+    k = int(_round_half_up(np.array(len(pool) * ratio)))
+    if k == 0:
+        return np.empty(0, dtype=np.int64)
+    return np.sort(pool[rng.permutation(len(pool))[:k]])
+
+
+def sample_negatives(users: np.ndarray, n_neg: int, n_items: int, rated_keys: np.ndarray,
+                     rng: np.random.Generator, chunk_entries: int = 2_000_000,
+                     max_rounds: int = 64) -> np.ndarray:
+    """``n_neg`` distinct items per row of ``users`` that the user never rated.
+
+    ``rated_keys``: sorted user * n_items + item keys of everything each user interacted
+    with. Returns int32 [len(users), n_neg], each row a uniform draw without replacement
+    from the user's unrated items (seeded by ``rng``), in ascending item order.
+
+    Per chunk of rows: draw the whole [rows, N] block, sort each row, reject entries equal
+    to their left neighbour (repeats) or found among the rated keys (searchsorted into the
+    chunk's slice of ``rated_keys``), redraw only those, repeat. Rows still rejected after
+    ``max_rounds`` (users who rated nearly every item) take an exact draw from their
+    complement. Memory is bounded by the chunk size.
+    """
+    users = np.asarray(users, dtype=np.int64)
+    m = len(users)
+    out = np.empty((m, n_neg), dtype=np.int32)
+    if m == 0 or n_neg == 0:
+        return out
+    n_rated = (np.searchsorted(rated_keys, (users + 1) * n_items)
+               - np.searchsorted(rated_keys, users * n_items))
+    short = n_items - n_rated < n_neg
+    if short.any():
+        j = int(np.flatnonzero(short)[0])
+        raise PipelineError(
+            f"{int(short.sum())} users have fewer than {n_neg} items they never rated (e.g. "
+            f"user_idx {int(users[j])} rated {int(n_rated[j])} of {n_items} items), so "
+            f"{n_neg} distinct negatives cannot be drawn; lower --negatives")
+    step = max(1, chunk_entries // n_neg)
+    for a in range(0, m, step):
+        out[a:a + step] = _sample_chunk(users[a:a + step], n_neg, n_items, rated_keys, rng,
+                                        max_rounds)
+    return out
+
+
+def _sample_chunk(cu: np.ndarray, n_neg: int, n_items: int, rated_keys: np.ndarray,
+                  rng: np.random.Generator, max_rounds: int) -> np.ndarray:
+    ref = rated_keys
+    if len(cu) > 1 and (cu[1:] >= cu[:-1]).all():  # sorted users: a contiguous slice
+        ref = rated_keys[np.searchsorted(rated_keys, cu[0] * n_items):
+                         np.searchsorted(rated_keys, (cu[-1] + 1) * n_items)]
+    cand = rng.integers(0, n_items, size=(len(cu), n_neg), dtype=np.int64)
+    cand.sort(axis=1)
+    todo = np.arange(len(cu))
+    rounds = 0
+    while len(todo):
+        sub = cand[todo]
+        bad = np.zeros(sub.shape, dtype=bool)
+        bad[:, 1:] = sub[:, 1:] == sub[:, :-1]
+        bad |= in_sorted(sub + cu[todo, None] * n_items, ref)
+        rows = bad.any(axis=1)
+        todo, sub, bad = todo[rows], sub[rows], bad[rows]
+        if not len(todo):
+            break
+        rounds += 1
+        if rounds > max_rounds:
+            for r in todo:  # rare: users who rated nearly every item
+                lo = np.searchsorted(rated_keys, cu[r] * n_items)
+                hi = np.searchsorted(rated_keys, (cu[r] + 1) * n_items)
+                allowed = np.setdiff1d(np.arange(n_items), rated_keys[lo:hi] - cu[r] * n_items)
+                cand[r] = np.sort(rng.choice(allowed, n_neg, replace=False))
+            break
+        sub[bad] = rng.integers(0, n_items, size=int(bad.sum()), dtype=np.int64)
+        sub.sort(axis=1)
+        cand[todo] = sub
+    return cand.astype(np.int32)
+
+
+# ---------------------------------------------------------------------------------------
+# strategies: each returns part labels over the stage-20 ratings rows (+ details)
+
+
+@dataclass
+class Ratings:
+    u: np.ndarray
+    i: np.ndarray
+    ts: np.ndarray | None
+    n_users: int
+    n_items: int
+
+    @property
+    def n(self) -> int:
+        return len(self.u)
+
+
+def _rngs(seed: int) -> dict[str, np.random.Generator]:
+    return {name: np.random.default_rng([seed, k]) for k, name in
+            enumerate(("split", "valid", "neg_test", "neg_valid", "order"))}
+
+
+def _need_ts(r: Ratings, strategy: str) -> np.ndarray:
+    if r.ts is None:
+        raise PipelineError(
+            f"--strategy {strategy} needs timestamps, but this dataset has none "
+            f"(20_make_ids/ratings.parquet has no timestamp column); use --strategy random "
+            f"or user-random")
+    return r.ts
+
+
+def _carve_valid_random(part: np.ndarray, ratio: float, rng: np.random.Generator) -> None:
+    pool = np.flatnonzero(part == TRAIN)
+    part[random_holdout(len(part), ratio, rng, among=pool)] = VALID
+
+
+def split_random(r: Ratings, test_ratio: float, valid_ratio: float, seed: int):
+    g = _rngs(seed)
+    part = np.full(r.n, TRAIN, dtype=np.int8)
+    part[random_holdout(r.n, test_ratio, g["split"])] = TEST
+    _carve_valid_random(part, valid_ratio, g["valid"])
+    return part, {}
+
+
+def split_user_random(r: Ratings, test_ratio: float, valid_ratio: float, seed: int):
+    g = _rngs(seed)
+    key = g["split"].integers(0, 2**31, r.n, dtype=np.int64)
+    part = per_user_holdout(r.u, key, np.arange(r.n), r.n_users, test_ratio, valid_ratio)
+    return part, {"rule": "per user: round(ratio * n_u) random ratings, >= 1 kept in train"}
+
+
+def split_temporal_global(r: Ratings, test_ratio: float, valid_ratio: float, seed: int):
+    ts = _need_ts(r, "temporal-global")
+    part = np.full(r.n, TRAIN, dtype=np.int8)
+    details: dict[str, Any] = {"rule": "test: timestamp >= cut-off; train: before it"}
+
+    def cut(mask_pool: np.ndarray, ratio: float) -> int | None:
+        pool = ts[mask_pool]
+        k = int(_round_half_up(np.array(len(pool) * ratio)))
+        if k == 0:
+            return None
+        return int(np.partition(pool, len(pool) - k)[len(pool) - k])
+
+    t_test = cut(np.ones(r.n, dtype=bool), test_ratio)
+    if t_test is not None:
+        part[ts >= t_test] = TEST
+    t_valid = cut(part == TRAIN, valid_ratio) if (part == TRAIN).any() else None
+    if t_valid is not None:
+        part[(part == TRAIN) & (ts >= t_valid)] = VALID
+    if not (part == TRAIN).any():
+        raise PipelineError(
+            f"temporal-global: every rating is at or after the cut-off timestamp (only "
+            f"{len(np.unique(ts))} distinct timestamps), so train would be empty; lower "
+            f"--test-ratio/--valid-ratio or use --strategy random")
+    details.update({"test_cutoff_timestamp": t_test, "valid_cutoff_timestamp": t_valid})
+    return part, details
+
+
+def split_temporal_user(r: Ratings, test_ratio: float, valid_ratio: float, seed: int):
+    ts = _need_ts(r, "temporal-user")
+    part = per_user_holdout(r.u, ts, r.i, r.n_users, test_ratio, valid_ratio)
+    return part, {"rule": "per user: the latest round(ratio * n_u) ratings (ties: larger "
+                          "item_idx is later), >= 1 kept in train"}
+
+
+def split_loo(r: Ratings, seed: int):
+    g = _rngs(seed)
+    if r.ts is not None:
+        primary, order = r.ts, "timestamp (ties: larger item_idx is later)"
+    else:
+        primary = g["order"].integers(0, 2**31, r.n, dtype=np.int64)
+        order = "seeded random order (no timestamps)"
+    ranks, counts = rank_from_end(r.u, primary, r.i, r.n_users)
+    eligible = (counts >= 3)[r.u]
+    part = np.full(r.n, TRAIN, dtype=np.int8)
+    part[eligible & (ranks == 0)] = TEST
+    part[eligible & (ranks == 1)] = VALID
+    n_small = int(((counts > 0) & (counts < 3)).sum())
+    return part, {"order": order, "min_interactions": 3, "n_users_train_only": n_small,
+                  "n_users_held_out": int((counts >= 3).sum())}
+
+
+def split_kfold(r: Ratings, folds: int, fold: int, valid_ratio: float, seed: int):
+    g = _rngs(seed)
+    fold_of = np.empty(r.n, dtype=np.int64)
+    fold_of[g["split"].permutation(r.n)] = np.arange(r.n) % folds
+    part = np.where(fold_of == fold, TEST, TRAIN).astype(np.int8)
+    _carve_valid_random(part, valid_ratio, np.random.default_rng([seed, 1, fold]))
+    return part, {"folds": folds, "fold": fold,
+                  "fold_sizes": np.bincount(fold_of, minlength=folds).tolist()}
+
+
+# ---------------------------------------------------------------------------------------
+# Netflix probe.txt
+
+
+def _read_lines(path: Path, what: str) -> pd.Series:
+    """One string per line (Arrow-backed, no Python object per line), blank lines kept."""
+    if not path.exists():
+        raise PipelineError(f"{what} {path} does not exist; check the path")
+    if path.is_dir():
+        raise PipelineError(f"{what} {path} is a folder; expected a file")
+    try:
+        df = pd.read_csv(path, sep="\t", header=None, names=["line"], dtype="string[pyarrow]",
+                         skip_blank_lines=False, quoting=csv.QUOTE_NONE, engine="c",
+                         keep_default_na=False, na_filter=False, encoding="utf-8")
+    except pd.errors.EmptyDataError:
+        raise PipelineError(f"{path} is empty; expected {what} lines") from None
+    except pd.errors.ParserError as e:
+        raise PipelineError(f"{path}: {e}; expected one value per line ({what})") from None
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"{path}: not a text file ({e.reason} at byte {e.start}); "
+                            f"expected {what}") from None
+    return df["line"].str.strip()
+
+
+def read_probe(path: Path) -> pd.DataFrame:
+    """Parse a Netflix probe.txt: ``MovieID:`` lines, each followed by CustomerID lines.
+
+    Returns raw_item_id, raw_user_id (strings of digits) and line (1-based) per pair.
+    """
+    s = _read_lines(path, "probe (`MovieID:` lines, then one CustomerID per line)")
+    blank = (s == "").to_numpy(dtype=bool)
+    if blank.all():
+        raise PipelineError(f"{path} is empty; expected `MovieID:` lines, each followed by "
+                            f"CustomerID lines (the Netflix probe.txt format)")
+    ok = s.str.fullmatch(r"\d+:?").fillna(False).to_numpy(dtype=bool) | blank
+    if not ok.all():
+        j = int(np.flatnonzero(~ok)[0])
+        raise PipelineError(
+            f"{path}:{j + 1}: {s.iat[j]!r} is not a `MovieID:` or CustomerID line; expected "
+            f"digits (a movie header ends with ':'), as in the Netflix probe.txt")
+    header = s.str.endswith(":").to_numpy(dtype=bool)
+    first = int(np.flatnonzero(~blank)[0])
+    if not header[first]:
+        raise PipelineError(f"{path}:{first + 1}: {s.iat[first]!r} is not a `MovieID:` header; "
+                            f"expected the file to start with one (e.g. `1:`)")
+    movie = s.str.rstrip(":").where(pd.Series(header, index=s.index)).ffill()
+    rows = ~header & ~blank
+    return pd.DataFrame({"raw_item_id": movie[rows].to_numpy(),
+                         "raw_user_id": s[rows].to_numpy(),
+                         "line": np.flatnonzero(rows) + 1})
+
+
+def _map_raw(raw_ids: pd.Series, values: Any) -> np.ndarray:
+    """Stage 20 index of each raw id value (-1 when unknown), in the map's own dtype."""
+    index = pd.Index(raw_ids)
+    vals = pd.Series(values)
+    if pd.api.types.is_integer_dtype(raw_ids.dtype):
+        vals = pd.to_numeric(vals, errors="coerce")
+        known = vals.notna().to_numpy()
+        out = np.full(len(vals), -1, dtype=np.int64)
+        if known.any():
+            out[known] = index.get_indexer(vals[known].astype(np.int64))
+        return out
+    return index.get_indexer(vals.astype(str))
+
+
+def split_probe(r: Ratings, probe_path: Path, users: pd.DataFrame, items: pd.DataFrame,
+                valid_ratio: float, seed: int):
+    g = _rngs(seed)
+    pr = read_probe(probe_path)
+    pu = _map_raw(users["raw_user_id"], pr["raw_user_id"])
+    pi = _map_raw(items["raw_item_id"], pr["raw_item_id"])
+    known = (pu >= 0) & (pi >= 0)
+    pk = np.unique(pair_keys(pu[known], pi[known], r.n_items))
+    keys = pair_keys(r.u, r.i, r.n_items)
+    is_test = in_sorted(keys, pk)
+    part = np.where(is_test, TEST, TRAIN).astype(np.int8)
+    _carve_valid_random(part, valid_ratio, g["valid"])
+    n_known = int(known.sum())
+    details = {"probe": str(probe_path), "probe_pairs": int(len(pr)),
+               "unknown_user": int((pu < 0).sum()), "unknown_item": int((pi < 0).sum()),
+               "unknown_pairs": int((~known).sum()),
+               "duplicate_pairs": int(n_known - len(pk)),
+               "pairs_without_rating": int(len(pk) - is_test.sum()),
+               "matched_ratings": int(is_test.sum())}
+    if details["unknown_pairs"]:
+        j = int(np.flatnonzero(~known)[0])
+        log.warning("probe: %d of %d pairs name a user or movie unknown to stage 20 (e.g. "
+                    "%s:%d customer %s movie %s); they are skipped", details["unknown_pairs"],
+                    len(pr), probe_path, int(pr["line"].iat[j]), pr["raw_user_id"].iat[j],
+                    pr["raw_item_id"].iat[j])
+    if not is_test.any():
+        raise PipelineError(f"{probe_path}: none of its {len(pr)} pairs is among the ratings "
+                            f"of stage 20; expected the probe.txt of the same dataset")
+    return part, details
+
+
+# ---------------------------------------------------------------------------------------
+# NCF benchmark files
+
+
+def _ncf_int_table(path: Path, min_cols: int, what: str) -> pd.DataFrame:
+    if not path.exists():
+        raise PipelineError(f"{path} not found; --ncf-test PREFIX expects PREFIX.test.rating "
+                            f"and PREFIX.test.negative (e.g. --ncf-test data/ncf/ml-1m)")
+    try:
+        df = pd.read_csv(path, sep="\t", header=None, dtype=str, keep_default_na=False,
+                         na_filter=False, quoting=csv.QUOTE_NONE, engine="c")
+    except pd.errors.EmptyDataError:
+        raise PipelineError(f"{path} is empty; expected {what}") from None
+    except pd.errors.ParserError as e:
+        raise PipelineError(f"{path}: {e}; expected {what}") from None
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"{path}: not a text file ({e.reason}); expected {what}") from None
+    # a trailing tab gives an empty last column
+    while df.shape[1] > min_cols and (df.iloc[:, -1] == "").all():
+        df = df.iloc[:, :-1]
+    if df.shape[1] < min_cols:
+        raise PipelineError(f"{path}:1: {df.shape[1]} tab-separated fields; expected {what}")
+    return df
+
+
+def _ncf_ints(df: pd.DataFrame, path: Path, what: str, cols: Sequence[int]) -> np.ndarray:
+    sub = df.iloc[:, list(cols)]
+    ok = sub.apply(lambda c: c.str.fullmatch(r"-?\d+")).to_numpy(dtype=bool)
+    if not ok.all():
+        row, col = (int(x[0]) for x in np.nonzero(~ok))
+        raise PipelineError(f"{path}:{row + 1}: field {cols[col] + 1} is {sub.iat[row, col]!r}; "
+                            f"expected an integer ({what})")
+    return sub.astype(np.int64).to_numpy()
+
+
+def read_ncf_test(prefix: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """PREFIX.test.rating (user, item, rating, timestamp) and PREFIX.test.negative rows
+    ``(user,item)`` + N negatives, checked line by line against each other."""
+    rp, npath = Path(f"{prefix}.test.rating"), Path(f"{prefix}.test.negative")
+    what_r = "user<TAB>item<TAB>rating<TAB>timestamp per line"
+    tr = _ncf_int_table(rp, 3, what_r)
+    ids = _ncf_ints(tr, rp, what_r, [0, 1])
+    rating = pd.to_numeric(tr.iloc[:, 2], errors="coerce").to_numpy(np.float32)
+    if np.isnan(rating).any():
+        j = int(np.flatnonzero(np.isnan(rating))[0])
+        raise PipelineError(f"{rp}:{j + 1}: rating {tr.iat[j, 2]!r} is not a number; "
+                            f"expected {what_r}")
+    ts = _ncf_ints(tr, rp, what_r, [3])[:, 0] if tr.shape[1] >= 4 else None
+    what_n = "`(user,item)` then the negative item ids, tab-separated"
+    tn = _ncf_int_table(npath, 2, what_n)
+    head = tn.iloc[:, 0].str.extract(r"^\((-?\d+),(-?\d+)\)$")
+    bad = head.isna().any(axis=1).to_numpy()
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        raise PipelineError(f"{npath}:{j + 1}: {tn.iat[j, 0]!r}; expected {what_n}")
+    empty = (tn.iloc[:, 1:] == "").to_numpy()
+    if empty.any():
+        row, col = (int(x[0]) for x in np.nonzero(empty))
+        raise PipelineError(f"{npath}:{row + 1}: {int((~empty[row]).sum())} negatives where "
+                            f"line 1 has {tn.shape[1] - 1}; expected the same count on every "
+                            f"line")
+    negs = _ncf_ints(tn, npath, what_n, range(1, tn.shape[1]))
+    pairs = head.astype(np.int64).to_numpy()
+    if len(pairs) != len(ids):
+        raise PipelineError(f"{npath} has {len(pairs)} lines but {rp} has {len(ids)}; expected "
+                            f"one negatives line per test rating")
+    mism = (pairs != ids).any(axis=1)
+    if mism.any():
+        j = int(np.flatnonzero(mism)[0])
+        raise PipelineError(f"{npath}:{j + 1}: {tn.iat[j, 0]!r} but {rp}:{j + 1} is "
+                            f"({ids[j, 0]},{ids[j, 1]}); expected the same pair on the same line")
+    test = pd.DataFrame({"raw_user_id": ids[:, 0], "raw_item_id": ids[:, 1], "rating": rating,
+                         "line": np.arange(1, len(ids) + 1)})
+    if ts is not None:
+        test["timestamp"] = ts
+    return test, negs
+
+
+def split_ncf(r: Ratings, prefix: str, users: pd.DataFrame, items: pd.DataFrame, seed: int):
+    """Part labels over the stage-20 ratings (train/valid), the test frame and negatives."""
+    test_raw, negs_raw = read_ncf_test(prefix)
+    rp = f"{prefix}.test.rating"
+    tu = _map_raw(users["raw_user_id"], test_raw["raw_user_id"])
+    ti = _map_raw(items["raw_item_id"], test_raw["raw_item_id"])
+    flat = _map_raw(items["raw_item_id"], negs_raw.ravel())
+    if (flat < 0).any():
+        j = int(np.flatnonzero(flat < 0)[0])
+        row = j // negs_raw.shape[1]
+        raise PipelineError(
+            f"{prefix}.test.negative:{row + 1}: negative item {int(negs_raw.ravel()[j])} is "
+            f"not in stage 20's id space ({(flat < 0).sum()} such entries); the NCF files must "
+            f"come with the PREFIX.train.rating that stage 10 read: run `python "
+            f"10_preprocessing.py --input {prefix}.train.rating --format ncf` and "
+            f"`python 20_make_ids.py` without minimum-count filters")
+    negs = flat.reshape(negs_raw.shape).astype(np.int32)
+    unknown = (tu < 0) | (ti < 0)
+    if unknown.all():
+        raise PipelineError(f"{rp}: none of its {len(tu)} test users/items is in stage 20's id "
+                            f"space; expected the NCF files of the dataset that stage 10 read")
+    if unknown.any():
+        j = int(np.flatnonzero(unknown)[0])
+        log.warning("ncf: %d test pairs name a user or item unknown to stage 20 (e.g. %s:%d); "
+                    "they are skipped", int(unknown.sum()), rp, j + 1)
+    keep = ~unknown
+    test = pd.DataFrame({"user_idx": tu[keep].astype(np.int32),
+                         "item_idx": ti[keep].astype(np.int32),
+                         "rating": test_raw["rating"].to_numpy(np.float32)[keep]})
+    if r.ts is not None:
+        if "timestamp" in test_raw.columns:
+            test["timestamp"] = test_raw["timestamp"].to_numpy(np.int64)[keep]
+        else:
+            test["timestamp"] = np.zeros(int(keep.sum()), dtype=np.int64)
+    negs = negs[keep]
+    dup_users = int(len(test) - test["user_idx"].nunique())
+    if dup_users:
+        raise PipelineError(f"{rp}: {dup_users} users have more than one test line; expected "
+                            f"one held-out interaction per user (leave-one-out)")
+    # train = stage 20 ratings minus any test pair; valid = each user's latest train row
+    tkeys = np.sort(pair_keys(test["user_idx"], test["item_idx"], r.n_items))
+    in_test = in_sorted(pair_keys(r.u, r.i, r.n_items), tkeys)
+    part = np.where(in_test, DROPPED, TRAIN).astype(np.int8)
+    # test pairs found in train sort first, so they never become a user's latest row
+    if r.ts is not None:
+        primary = np.where(in_test, r.ts.min() - 1 if r.n else 0, r.ts)
+    else:
+        primary = np.where(in_test, -1, _rngs(seed)["order"].integers(0, 2**31, r.n))
+    ranks, _ = rank_from_end(r.u, primary, r.i, r.n_users)
+    train_counts = np.bincount(r.u[~in_test], minlength=r.n_users)
+    part[(part == TRAIN) & (ranks == 0) & (train_counts[r.u] >= 2)] = VALID
+    pos_in_negs = (negs == test["item_idx"].to_numpy()[:, None]).any(axis=1)
+    details = {"ncf_prefix": prefix, "test_lines": int(len(test_raw)),
+               "unknown_test_pairs": int(unknown.sum()),
+               "test_pairs_in_train": int(in_test.sum()),
+               "positive_in_negatives_users": int(pos_in_negs.sum()),
+               "n_users_train_only": int(((train_counts > 0) & (train_counts < 2)).sum()),
+               "valid": "each user's latest train interaction (users with >= 2) + sampled "
+                        "negatives"}
+    return part, details, test, negs
+
+
+# ---------------------------------------------------------------------------------------
+# unseen policy and the stage
+
+
+def unseen_masks(train_u: np.ndarray, train_i: np.ndarray, u: np.ndarray, i: np.ndarray,
+                 n_users: int, n_items: int) -> tuple[np.ndarray, dict[str, int]]:
+    seen_u = np.bincount(train_u, minlength=n_users) > 0
+    seen_i = np.bincount(train_i, minlength=n_items) > 0
+    new_u = ~seen_u[u]
+    new_i = ~seen_i[i]
+    mask = new_u | new_i
+    return mask, {"rows": int(mask.sum()), "users": int(len(np.unique(u[new_u]))),
+                  "items": int(len(np.unique(i[new_i])))}
+
+
+@dataclass
+class SplitResult:
+    train: pd.DataFrame
+    valid: pd.DataFrame
+    test: pd.DataFrame
+    valid_negatives: np.ndarray | None
+    test_negatives: np.ndarray | None
+    details: dict[str, Any]
+    unseen: dict[str, Any]
+
+
+def split(ratings: Any, n_users: int, n_items: int, cfg: Config,
+          users: pd.DataFrame | None = None, items: pd.DataFrame | None = None) -> SplitResult:
+    """Split a stage-20 ratings table (pure, apart from reading --probe / --ncf-test files).
+
+    ``ratings``: a DataFrame or a {column: numpy array} mapping with stage 20's columns.
+    """
+    cols = {c: np.asarray(ratings[c]) for c in ratings}
+    del ratings
+    u = cols["user_idx"].astype(np.int64)
+    i = cols["item_idx"].astype(np.int64)
+    ts = cols["timestamp"] if "timestamp" in cols else None
+    r = Ratings(u, i, ts, n_users, n_items)
+    s = cfg.strategy
+    ext_test, ext_negs = None, None
+    if s == "random":
+        part, details = split_random(r, cfg.test_ratio, cfg.valid_ratio, cfg.seed)
+    elif s == "user-random":
+        part, details = split_user_random(r, cfg.test_ratio, cfg.valid_ratio, cfg.seed)
+    elif s == "temporal-global":
+        part, details = split_temporal_global(r, cfg.test_ratio, cfg.valid_ratio, cfg.seed)
+    elif s == "temporal-user":
+        part, details = split_temporal_user(r, cfg.test_ratio, cfg.valid_ratio, cfg.seed)
+    elif s == "loo":
+        part, details = split_loo(r, cfg.seed)
+    elif s == "kfold":
+        part, details = split_kfold(r, cfg.folds, cfg.fold, cfg.valid_ratio, cfg.seed)
+    elif s == "probe":
+        part, details = split_probe(r, Path(cfg.probe), users, items, cfg.valid_ratio, cfg.seed)
+    elif s == "ncf":
+        part, details, ext_test, ext_negs = split_ncf(r, cfg.ncf_test, users, items, cfg.seed)
+    else:  # parse_config restricts the choices
+        raise PipelineError(f"unknown --strategy {s!r}; expected one of {', '.join(STRATEGIES)}")
+
+    policy = cfg.unseen if cfg.unseen != "auto" else (
+        "keep" if s in IMPLICIT_STRATEGIES else "drop")
+    tr = part == TRAIN
+    unseen: dict[str, Any] = {"policy": policy}
+    dropped_rows = 0
+    for code, name in ((VALID, "valid"), (TEST, "test")):
+        if name == "test" and ext_test is not None:
+            mask, st = unseen_masks(u[tr], i[tr], ext_test["user_idx"].to_numpy(),
+                                    ext_test["item_idx"].to_numpy(), n_users, n_items)
+            if policy == "drop" and mask.any():
+                ext_test = ext_test[~mask].reset_index(drop=True)
+                ext_negs = ext_negs[~mask]
+                dropped_rows += int(mask.sum())
+        else:
+            rows = np.flatnonzero(part == code)
+            mask, st = unseen_masks(u[tr], i[tr], u[rows], i[rows], n_users, n_items)
+            if policy == "drop" and mask.any():
+                part[rows[mask]] = DROPPED
+                dropped_rows += int(mask.sum())
+        unseen[name] = st
+    unseen["dropped_rows"] = dropped_rows
+
+    def take(code: int) -> pd.DataFrame:
+        mask = part == code
+        return pd.DataFrame({c: a[mask] for c, a in cols.items()}, copy=False)
+
+    train, valid = take(TRAIN), take(VALID)
+    test = ext_test if ext_test is not None else take(TEST)
+    valid_negs = test_negs = None
+    if s in IMPLICIT_STRATEGIES:
+        g = _rngs(cfg.seed)
+        rated = sorted_keys(u, i, n_items)  # stage 20 rows are sorted: usually no sort
+        if ext_test is not None:
+            rated = np.concatenate([rated, pair_keys(test["user_idx"], test["item_idx"], n_items)])
+            rated.sort()
+        n_neg = cfg.negatives if ext_negs is None else ext_negs.shape[1]
+        valid_negs = sample_negatives(valid["user_idx"].to_numpy(), n_neg, n_items, rated,
+                                      g["neg_valid"])
+        if ext_negs is not None:
+            test_negs = np.ascontiguousarray(ext_negs, dtype=np.int32)
+        else:
+            test_negs = sample_negatives(test["user_idx"].to_numpy(), n_neg, n_items, rated,
+                                         g["neg_test"])
+    return SplitResult(train, valid, test, valid_negs, test_negs, details, unseen)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = parse_config(Config, argv, PROG, DESCRIPTION)
+    print_config(cfg, PROG)
+    set_seed(cfg.seed)
+    up = read_manifest(cfg.data_dir, UPSTREAM, needed_by=PROG)
+    src = stage_dir(cfg.data_dir, UPSTREAM)
+    ratings = read_columns(src / "ratings.parquet")
+    n_users, n_items = int(up["n_users"]), int(up["n_items"])
+    users = items = None
+    if cfg.strategy in ("probe", "ncf"):
+        users = read_parquet(src / "users.parquet", columns=["raw_user_id"])["raw_user_id"]
+        items = read_parquet(src / "items.parquet", columns=["raw_item_id"])["raw_item_id"]
+        users, items = users.to_frame(), items.to_frame()
+    n_in = len(ratings["user_idx"])
+    res = split(ratings, n_users, n_items, cfg, users, items)
+    del ratings
+    sizes = {"train": len(res.train), "valid": len(res.valid), "test": len(res.test)}
+    n_neg = 0 if res.test_negatives is None else int(res.test_negatives.shape[1])
+    for name in ("valid", "test"):
+        st = res.unseen[name]
+        if st["rows"]:
+            log.info("unseen in train (%s): %d %s ratings (%d users, %d items)",
+                     res.unseen["policy"] == "drop" and "dropped" or "kept", st["rows"], name,
+                     st["users"], st["items"])
+    if cfg.strategy == "loo":
+        log.info("loo: %d users held out; %d users with fewer than 3 interactions stay "
+                 "entirely in train", res.details["n_users_held_out"],
+                 res.details["n_users_train_only"])
+    if cfg.strategy == "ncf":
+        log.info("ncf: %d test users; for %d of them the positive also appears among the "
+                 "file's negatives (kept as is)", sizes["test"],
+                 res.details["positive_in_negatives_users"])
+    with StageOutput(cfg.data_dir, STAGE) as out:
+        for name in ("train", "valid", "test"):
+            write_parquet(getattr(res, name), out.path(f"{name}.parquet"))
+        if res.test_negatives is not None:
+            np.save(out.path("valid_negatives.npy"), res.valid_negatives)
+            np.save(out.path("test_negatives.npy"), res.test_negatives)
+        manifest = {
+            "command": command_line(PROG, argv),
+            "config": config_dict(cfg),
+            "upstream": upstream_entry(cfg.data_dir, UPSTREAM),
+            "dataset": up.get("dataset"),
+            "rating_scale": up.get("rating_scale"),
+            "has_timestamp": up.get("has_timestamp"),
+            "strategy": cfg.strategy,
+            "seed": cfg.seed,
+            "task": "implicit" if cfg.strategy in IMPLICIT_STRATEGIES else "explicit",
+            "sizes": sizes,
+            "n_ratings_in": n_in,
+            "n_users": n_users,
+            "n_items": n_items,
+            "n_negatives": n_neg,
+            "unseen": res.unseen,
+            "details": res.details,
+            "dtypes": dtypes_of(res.train),
+        }
+        out.commit(manifest)
+    log.info("%s (%s, seed %d): train %d, valid %d, test %d%s -> %s", STAGE, cfg.strategy,
+             cfg.seed, sizes["train"], sizes["valid"], sizes["test"],
+             f", {n_neg} negatives per held-out row" if n_neg else "",
+             stage_dir(cfg.data_dir, STAGE))
+    log.info("next: python 40_make_sparse_matrix.py --data-dir %s", cfg.data_dir)

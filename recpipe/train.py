@@ -1,0 +1,746 @@
+"""Stage 60: train a model on stage 40's artifact; select on validation, report test once.
+
+Reads DATA_DIR/40_make_sparse_matrix/ and writes DATA_DIR/60_train/<model>/:
+model.pt (best weights + metadata), checkpoint.pt (last completed epoch, for --resume),
+history.csv, metrics.json, curve.png and manifest.json (written last; removed when a run
+starts, so an interrupted run never looks finished).
+
+Training keeps every tensor on the device: batches are slices of a ``torch.randperm``;
+implicit negatives are drawn vectorised per batch from a seeded generator, so they are
+redrawn every epoch. L2 is applied to the embedding rows the batch uses (per sample), not as
+weight decay over the whole table. Model selection and early stopping use the validation
+split; the test split is evaluated once, with the best model.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import models as models_mod
+from .artifacts import read_manifest, stage_dir, upstream_entry, write_json
+from .cli import (PipelineError, command_line, config_dict, opt, parse_config, print_config,
+                  progress_disabled, set_seed)
+from .dataset import Data, exclusion_rows, load_data, sample_negatives
+from .metrics import finish_full, full_rank_metrics, rmse_mae, sampled_rank_metrics
+from .presets import DEFAULT_TASK, preset
+
+log = logging.getLogger("recpipe")
+PROG = "60_train.py"
+STAGE = "60_train"
+DESCRIPTION = ("Train a recommendation model (mf, deepmf, gmf, mlp, neumf) on stage 40's "
+               "sparse matrices. Options left unset come from the model's preset "
+               "(recpipe/presets.py, docs/presets.md). Selects the epoch on the validation "
+               "split with early stopping, evaluates the test split once with the best "
+               "model, and writes DATA_DIR/60_train/<model>/.")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: str = opt("mf", "model to train", choices=sorted(models_mod.MODELS))
+    task: Optional[str] = opt(None, "explicit (regress ratings, MSE) or implicit (BCE with "
+                              "sampled negatives); default: explicit for mf/deepmf, implicit "
+                              "for gmf/mlp/neumf", choices=["explicit", "implicit"])
+    data_dir: Path = opt(Path("data"), "pipeline data folder (reads 40_make_sparse_matrix/, "
+                         "writes 60_train/<model>/)")
+    epochs: Optional[int] = opt(None, "maximum epochs (early stopping on validation may stop "
+                                "sooner); default from the preset")
+    device: str = opt("auto", "auto (cuda when available), cpu or cuda",
+                      choices=["auto", "cpu", "cuda"])
+    seed: int = opt(0, "random seed (init, permutations, negatives)")
+    resume: bool = opt(False, "continue from DATA_DIR/60_train/<model>/checkpoint.pt")
+    dim: Optional[int] = opt(None, "embedding size (mf/gmf factors, deepmf embedding, "
+                             "neumf GMF branch)")
+    hidden: Optional[int] = opt(None, "deepmf: tower output size")
+    layers: Optional[list[int]] = opt(None, "mlp/neumf: MLP layer sizes, first = 2 x "
+                                      "embedding size (e.g. 64 32 16 8)")
+    dropout: Optional[float] = opt(None, "dropout in deepmf/mlp/neumf towers")
+    init_std: Optional[float] = opt(None, "std of the embedding initialisation")
+    optimizer: Optional[str] = opt(None, "adam; sgd (with --momentum; --batch-size 0 makes it "
+                                   "full-batch gradient descent); sparse_adam (sparse "
+                                   "embedding gradients + SparseAdam, for large tables); "
+                                   "adagrad (sparse embedding gradients)",
+                                   choices=["adam", "sgd", "sparse_adam", "adagrad"])
+    lr: Optional[float] = opt(None, "learning rate")
+    momentum: Optional[float] = opt(None, "sgd momentum")
+    batch_size: Optional[int] = opt(None, "training samples per step (implicit: positives + "
+                                    "negatives); 0 = full batch")
+    reg: Optional[float] = opt(None, "L2 weight on the embedding rows used by each sample")
+    n_negatives: Optional[int] = opt(None, "implicit: sampled negatives per positive, "
+                                     "redrawn every epoch")
+    lr_schedule: Optional[str] = opt(None, "plateau (multiply lr by --lr-decay when validation "
+                                     "does not improve), cosine (over --epochs) or none",
+                                     choices=["plateau", "cosine", "none"])
+    lr_decay: Optional[float] = opt(None, "plateau: lr factor on a non-improving epoch")
+    patience: Optional[int] = opt(None, "stop after this many epochs without validation "
+                                  "improvement")
+    pretrained: bool = opt(False, "neumf: initialise from DATA_DIR/60_train/gmf and mlp "
+                           "(train those first with the same --dim / --layers), alpha 0.5")
+    alpha: float = opt(0.5, "neumf --pretrained: weight of the GMF output layer")
+    amp: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU)")
+    threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
+    eval_batch: int = opt(0, "users per full-ranking evaluation block (0 = automatic)")
+    max_seconds: float = opt(0.0, "stop training after this many seconds (0 = no limit); "
+                             "the best epoch so far is kept")
+
+    def validate(self) -> None:
+        for name in ("epochs", "dim", "hidden", "n_negatives", "patience"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise PipelineError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        for name in ("lr", "lr_decay"):
+            v = getattr(self, name)
+            if v is not None and not (v > 0 and math.isfinite(v)):
+                raise PipelineError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
+        for name in ("reg", "init_std", "dropout", "momentum"):
+            v = getattr(self, name)
+            if v is not None and not (v >= 0 and math.isfinite(v)):
+                raise PipelineError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+        if self.batch_size is not None and self.batch_size < 0:
+            raise PipelineError(f"--batch-size must be >= 0 (0 = full batch), got {self.batch_size}")
+        if self.layers is not None and (len(self.layers) < 1 or min(self.layers) < 1):
+            raise PipelineError(f"--layers must be positive sizes, got {self.layers}")
+        if self.pretrained and self.model != "neumf":
+            raise PipelineError(f"--pretrained applies to --model neumf only, got {self.model}")
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with the task and every unset option filled from the preset."""
+        cfg = dataclasses.replace(self)
+        if cfg.task is None:
+            cfg.task = DEFAULT_TASK[cfg.model]
+        for k, v in preset(cfg.model, cfg.task).items():
+            if getattr(cfg, k) is None:
+                setattr(cfg, k, copy.deepcopy(v))
+        return cfg
+
+
+# ---------------------------------------------------------------------------------------
+# models and optimisers
+
+
+def model_args(cfg: TrainConfig, data: Data) -> dict[str, Any]:
+    """Constructor arguments (plain types) for the chosen model."""
+    explicit = cfg.task == "explicit"
+    sparse = cfg.optimizer in ("sparse_adam", "adagrad")
+    a: dict[str, Any] = {"init_std": float(cfg.init_std), "sparse": sparse,
+                         "global_mean": float(data.global_mean) if explicit else 0.0,
+                         "scale": float(data.rating_std) if explicit else 1.0}
+    if cfg.model == "mf":
+        a["dim"] = int(cfg.dim)
+    elif cfg.model == "deepmf":
+        a.update(emb_dim=int(cfg.dim), hidden=int(cfg.hidden), dropout=float(cfg.dropout))
+    elif cfg.model == "gmf":
+        a.update(dim=int(cfg.dim), use_bias=explicit)
+    elif cfg.model == "mlp":
+        a.update(layers=[int(x) for x in cfg.layers], dropout=float(cfg.dropout),
+                 use_bias=explicit)
+    elif cfg.model == "neumf":
+        a.update(gmf_dim=int(cfg.dim), layers=[int(x) for x in cfg.layers],
+                 dropout=float(cfg.dropout), use_bias=explicit)
+    return a
+
+
+def side_embeddings(model: nn.Module) -> list[nn.Embedding]:
+    """The per-user and per-item embedding tables (names starting user_ / item_)."""
+    return [m for n, m in model.named_children()
+            if (n.startswith("user_") or n.startswith("item_")) and isinstance(m, nn.Embedding)]
+
+
+class Optimizers:
+    """One or two torch optimisers behind one interface (sparse tables + dense layers)."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig):
+        emb = side_embeddings(model)
+        emb_ids = {id(p) for m in emb for p in m.parameters()}
+        dense = [p for p in model.parameters() if id(p) not in emb_ids]
+        emb_params = [p for m in emb for p in m.parameters()]
+        self.opts: list[torch.optim.Optimizer] = []
+        if cfg.optimizer == "adam":
+            self.opts.append(torch.optim.Adam(list(model.parameters()), lr=cfg.lr))
+        elif cfg.optimizer == "sgd":
+            self.opts.append(torch.optim.SGD(list(model.parameters()), lr=cfg.lr,
+                                             momentum=cfg.momentum))
+        elif cfg.optimizer == "sparse_adam":
+            self.opts.append(torch.optim.SparseAdam(emb_params, lr=cfg.lr))
+            if dense:
+                self.opts.append(torch.optim.Adam(dense, lr=cfg.lr))
+        elif cfg.optimizer == "adagrad":
+            self.opts.append(torch.optim.Adagrad(emb_params, lr=cfg.lr))
+            if dense:
+                self.opts.append(torch.optim.Adam(dense, lr=cfg.lr * 0.1))
+        self.base_lrs = [[g["lr"] for g in o.param_groups] for o in self.opts]
+
+    def zero_grad(self) -> None:
+        for o in self.opts:
+            o.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for o in self.opts:
+            o.step()
+
+    def set_factor(self, factor: float) -> None:
+        for o, lrs in zip(self.opts, self.base_lrs):
+            for g, lr in zip(o.param_groups, lrs):
+                g["lr"] = lr * factor
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return [o.state_dict() for o in self.opts]
+
+    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
+        for o, s in zip(self.opts, states):
+            o.load_state_dict(s)
+
+
+class RowL2:
+    """Captures the outputs of the user_/item_ embeddings during forward, so the loss can add
+    L2 on exactly the rows the batch used (per sample) without a second lookup."""
+
+    def __init__(self, model: nn.Module):
+        self.outs: list[torch.Tensor] = []
+        self.handles = [m.register_forward_hook(self._hook) for m in side_embeddings(model)]
+        self.active = False
+
+    def _hook(self, module, inputs, output):
+        if self.active:
+            self.outs.append(output)
+
+    def take(self, n_samples: int) -> torch.Tensor:
+        """Sum of squares of the captured rows, divided by the samples in the batch."""
+        total = sum(o.float().square().sum() for o in self.outs)
+        self.outs = []
+        return total / max(1, n_samples)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------------------------
+# evaluation
+
+
+def _auto_block(n_items: int, device: torch.device, want: int) -> int:
+    if want > 0:
+        return want
+    budget = 2**25 if device.type == "cpu" else 2**27      # floats per score block
+    return max(1, min(65536, budget // max(1, n_items)))
+
+
+@torch.inference_mode()
+def predict_pairs(model: nn.Module, users: torch.Tensor, items: torch.Tensor,
+                  block: int = 1 << 18) -> torch.Tensor:
+    outs = [model(users[s:s + block], items[s:s + block]).float()
+            for s in range(0, users.shape[0], block)]
+    return torch.cat(outs) if outs else torch.zeros(0, device=users.device)
+
+
+@torch.inference_mode()
+def score_candidates(model: nn.Module, users: torch.Tensor, items: torch.Tensor,
+                     block: int = 65536) -> torch.Tensor:
+    """[U, C] scores for users [U] and candidate items [U, C]."""
+    outs = [model(users[s:s + block, None], items[s:s + block]).float()
+            for s in range(0, users.shape[0], block)]
+    return torch.cat(outs)
+
+
+@torch.inference_mode()
+def full_ranking(model: nn.Module, data: Data, part: str, block_users: int = 0
+                 ) -> dict[str, float]:
+    """Full-ranking HR@10, NDCG@10, Recall@20 for the users of ``part``: candidates are all
+    items not in train (for test, also not the validation items)."""
+    import scipy.sparse as sp
+    p = getattr(data, part)
+    if len(p) == 0:
+        return {}
+    dev = data.device
+    n_items = data.n_items
+    rel_csr = sp.csr_matrix((np.ones(len(p), dtype=np.float32),
+                             (p.users.cpu().numpy(), p.items.cpu().numpy())),
+                            shape=(data.n_users, n_items))
+    excl = data.train_csr
+    if part == "test" and len(data.valid):
+        v = data.valid
+        excl = excl + sp.csr_matrix((np.ones(len(v), dtype=np.float32),
+                                     (v.users.cpu().numpy(), v.items.cpu().numpy())),
+                                    shape=(data.n_users, n_items))
+    excl = excl.tocsr()
+    users = np.unique(p.users.cpu().numpy())
+    block = _auto_block(n_items, dev, block_users)
+    all_items = torch.arange(n_items, device=dev)[None, :]
+    sums = []
+    for s in range(0, len(users), block):
+        ub = users[s:s + block]
+        scores = model(torch.from_numpy(ub).to(dev)[:, None], all_items).float()
+        r, c = exclusion_rows(excl, ub, dev)
+        scores[r, c] = float("-inf")
+        rr, rc = exclusion_rows(rel_csr, ub, dev)
+        rel = torch.zeros(scores.shape, dtype=torch.bool, device=dev)
+        rel[rr, rc] = True
+        sums.append(full_rank_metrics(scores, rel))
+    return finish_full(sums)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, data: Data, part: str, cfg: TrainConfig, full: bool = True
+             ) -> dict[str, float]:
+    """Metrics of ``model`` on ``part`` ("valid" or "test").
+
+    explicit: rmse, mae (predictions clipped to the rating scale); on a leave-one-out split
+    also hr@10 / ndcg@10 ranking the candidates by predicted rating.
+    implicit: hr@10, ndcg@10 over the sampled candidates when stage 40 wrote them, and (when
+    ``full``, or when there are no candidates) full-ranking full_hr@10, full_ndcg@10,
+    full_recall@20.
+    """
+    model.eval()
+    p = getattr(data, part)
+    out: dict[str, float] = {}
+    if cfg.task == "explicit":
+        if len(p):
+            out.update(rmse_mae(predict_pairs(model, p.users, p.items), p.ratings,
+                                data.rating_scale))
+        if part in data.candidates:
+            cu, ci = data.candidates[part]
+            out.update(sampled_rank_metrics(score_candidates(model, cu, ci), ci))
+    else:
+        if part in data.candidates:
+            cu, ci = data.candidates[part]
+            out.update(sampled_rank_metrics(score_candidates(model, cu, ci), ci))
+        if full or part not in data.candidates:
+            out.update(full_ranking(model, data, part, cfg.eval_batch))
+    return out
+
+
+def selection_metric(cfg: TrainConfig, data: Data) -> tuple[str, bool]:
+    """(metric key, higher is better) used for early stopping and model selection."""
+    if cfg.task == "explicit":
+        return "rmse", False
+    if "valid" in data.candidates:
+        return "hr@10", True
+    return "full_ndcg@10", True
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu"
+               ) -> tuple[nn.Module, dict[str, Any]]:
+    """(model in eval mode on ``device``, metadata) from DIR/model.pt (weights_only load)."""
+    path = Path(model_dir) / "model.pt"
+    if not path.exists():
+        raise PipelineError(f"{path} not found: train the model first with "
+                            f"`python 60_train.py --model {Path(model_dir).name} "
+                            f"--data-dir {Path(model_dir).parent.parent}`")
+    try:
+        meta = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling problem is a user-level error
+        raise PipelineError(f"{path} is unreadable ({type(e).__name__}: {e}); retrain with "
+                            f"`python 60_train.py --model {Path(model_dir).name}`")
+    args = dict(meta["model_args"])
+    args["sparse"] = False
+    model = models_mod.build_model(meta["model"], n_users=meta["n_users"],
+                                   n_items=meta["n_items"], **args)
+    model.load_state_dict(meta["state_dict"])
+    model.to(device).eval()
+    return model, meta
+
+
+def _rng_state(gen: torch.Generator) -> dict[str, Any]:
+    st = {"generator": gen.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(gen: torch.Generator, st: dict[str, Any]) -> None:
+    gen.set_state(st["generator"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# ---------------------------------------------------------------------------------------
+# history, plot
+
+
+def write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    if not history:
+        return
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(history)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(buf.getvalue())
+    os.replace(tmp, path)
+
+
+def plot_curve(path: Path, history: list[dict[str, Any]], metric: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    if not history:
+        return
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(ep, [h["loss"] for h in history], "o-", color="tab:blue", label="train loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss", color="tab:blue")
+    key = f"valid_{metric}"
+    if any(key in h for h in history):
+        ax2 = ax.twinx()
+        ax2.plot(ep, [h.get(key, float("nan")) for h in history], "s-", color="tab:red",
+                 label=f"valid {metric}")
+        ax2.set_ylabel(f"validation {metric}", color="tab:red")
+    ax.set_title(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------
+# training
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("--device cuda was asked for but torch sees no CUDA device "
+                            f"(torch {torch.__version__}); use --device cpu or --device auto")
+    return torch.device(name)
+
+
+_RESUME_KEYS = ("model", "task", "dim", "hidden", "layers", "optimizer", "seed",
+                "n_negatives", "batch_size", "dropout", "init_std", "reg", "lr")
+
+
+class Trainer:
+    """One training run: data, model, optimiser, schedule and early-stopping state."""
+
+    def __init__(self, cfg: TrainConfig, data: Data, out_dir: Path, command: str):
+        self.cfg = cfg
+        self.data = data
+        self.out_dir = out_dir
+        self.command = command
+        self.dev = data.device
+        self.gen = torch.Generator(device=self.dev)
+        self.gen.manual_seed(cfg.seed)
+        set_seed(cfg.seed)
+        self.args = model_args(cfg, data)
+        self.model = models_mod.build_model(cfg.model, n_users=data.n_users,
+                                            n_items=data.n_items, **self.args).to(self.dev)
+        if cfg.pretrained:
+            self._load_pretrained()
+        self.opt = Optimizers(self.model, cfg)
+        self.l2 = RowL2(self.model)
+        self.metric, self.higher = selection_metric(cfg, data)
+        self.epoch = 0
+        self.best = -math.inf if self.higher else math.inf
+        self.best_epoch = 0
+        self.best_valid: dict[str, float] = {}
+        self.best_state = copy.deepcopy(self.model.state_dict())
+        self.bad_epochs = 0
+        self.lr_factor = 1.0
+        self.history: list[dict[str, Any]] = []
+        self.first_loss: float | None = None
+        self.train_seconds = 0.0
+        self.use_amp = cfg.amp and self.dev.type == "cuda"
+
+    def _load_pretrained(self) -> None:
+        base = stage_dir(self.cfg.data_dir, STAGE)
+        subs = {}
+        for name in ("gmf", "mlp"):
+            m, meta = load_model(base / name, self.dev)
+            if meta.get("task") != self.cfg.task:
+                raise PipelineError(f"{base / name / 'model.pt'} was trained for task "
+                                    f"{meta.get('task')}, NeuMF is training {self.cfg.task}; "
+                                    f"retrain it with --task {self.cfg.task}")
+            subs[name] = m
+        try:
+            self.model.load_pretrained(subs["gmf"], subs["mlp"], alpha=self.cfg.alpha)
+        except ValueError as e:
+            raise PipelineError(f"--pretrained: {e}; train gmf with --dim {self.cfg.dim} and "
+                                f"mlp with --layers {' '.join(map(str, self.cfg.layers))}")
+        log.info("neumf initialised from pretrained gmf and mlp (alpha %.2f)", self.cfg.alpha)
+
+    # -- checkpoint ------------------------------------------------------------------
+    def checkpoint(self) -> dict[str, Any]:
+        return {"model": self.cfg.model, "model_args": self.args,
+                "config": config_dict(self.cfg), "epoch": self.epoch,
+                "state_dict": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "best_metric": self.best, "best_epoch": self.best_epoch,
+                "best_valid": self.best_valid, "best_state": self.best_state,
+                "bad_epochs": self.bad_epochs,
+                "scheduler": {"lr_factor": self.lr_factor, "kind": self.cfg.lr_schedule},
+                "rng": _rng_state(self.gen), "history": self.history,
+                "first_loss": self.first_loss, "train_seconds": self.train_seconds,
+                "n_users": self.data.n_users, "n_items": self.data.n_items}
+
+    def save_checkpoint(self) -> None:
+        _atomic_save(self.checkpoint(), self.out_dir / "checkpoint.pt")
+
+    def restore(self, path: Path) -> None:
+        if not path.exists():
+            raise PipelineError(f"--resume: {path} not found; run without --resume to start")
+        try:
+            ck = torch.load(path, map_location=self.dev, weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise PipelineError(f"--resume: {path} is unreadable ({type(e).__name__}: {e}); "
+                                f"run without --resume to start over")
+        old = ck["config"]
+        now = config_dict(self.cfg)
+        diff = [k for k in _RESUME_KEYS if old.get(k) != now.get(k)]
+        if diff or ck["n_users"] != self.data.n_users or ck["n_items"] != self.data.n_items:
+            what = ", ".join(f"{k}: checkpoint {old.get(k)!r} vs now {now.get(k)!r}"
+                             for k in diff) or "n_users/n_items differ"
+            raise PipelineError(f"--resume: {path} was made with other settings ({what}); "
+                                f"resume with the same options or run without --resume")
+        self.model.load_state_dict(ck["state_dict"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.epoch = int(ck["epoch"])
+        self.best = float(ck["best_metric"])
+        self.best_epoch = int(ck["best_epoch"])
+        self.best_valid = dict(ck["best_valid"])
+        self.best_state = ck["best_state"]
+        self.bad_epochs = int(ck["bad_epochs"])
+        self.lr_factor = float(ck["scheduler"]["lr_factor"])
+        self.history = list(ck["history"])
+        self.first_loss = ck["first_loss"]
+        self.train_seconds = float(ck["train_seconds"])
+        _set_rng_state(self.gen, ck["rng"])
+        log.info("resumed from %s after epoch %d (best %s %.4f at epoch %d)", path,
+                 self.epoch, self.metric, self.best, self.best_epoch)
+
+    # -- one epoch -------------------------------------------------------------------
+    def _lr_factor_for(self, epoch: int) -> float:
+        if self.cfg.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (epoch - 1) / max(1, self.cfg.epochs)))
+        return self.lr_factor
+
+    def train_epoch(self) -> tuple[float, int]:
+        cfg, data, model = self.cfg, self.data, self.model
+        model.train()
+        self.opt.set_factor(self._lr_factor_for(self.epoch + 1))
+        tr = data.train
+        n = len(tr)
+        implicit = cfg.task == "implicit"
+        per = 1 + cfg.n_negatives if implicit else 1
+        bs = cfg.batch_size if cfg.batch_size > 0 else n * per
+        pos_per_batch = max(1, bs // per)
+        perm = torch.randperm(n, device=self.dev, generator=self.gen)
+        inv_var = 1.0  # explicit loss is in standardised units: the model's scale is the std
+        scale = float(self.args["scale"])
+        loss_sum = torch.zeros((), device=self.dev)
+        samples = 0
+        steps = range(0, n, pos_per_batch)
+        bar = tqdm(steps, desc=f"epoch {self.epoch + 1}", unit="batch", leave=False,
+                   disable=progress_disabled())
+        bce = nn.functional.binary_cross_entropy_with_logits
+        for s in bar:
+            idx = perm[s:s + pos_per_batch]
+            u = tr.users[idx]
+            i = tr.items[idx]
+            if implicit:
+                neg = sample_negatives(u, data.n_items, cfg.n_negatives, data.train_keys, self.gen)
+                uu = torch.cat([u, u.repeat_interleave(cfg.n_negatives)])
+                ii = torch.cat([i, neg.reshape(-1)])
+                y = torch.cat([torch.ones_like(u, dtype=torch.float32),
+                               torch.zeros(neg.numel(), device=self.dev)])
+            else:
+                uu, ii, y = u, i, tr.ratings[idx]
+            self.l2.active = cfg.reg > 0
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_amp):
+                out = model(uu, ii).float()
+                if implicit:
+                    loss = bce(out, y)
+                else:
+                    loss = ((out - y) / scale).square().mean() * inv_var
+            total = loss + cfg.reg * self.l2.take(uu.shape[0]) if cfg.reg > 0 else loss
+            self.l2.active = False
+            self.opt.zero_grad()
+            total.backward()
+            self.opt.step()
+            loss_sum += loss.detach() * uu.shape[0]
+            samples += int(uu.shape[0])
+        bar.close()
+        return float(loss_sum) / max(1, samples), samples
+
+    def _check_loss(self, loss: float) -> None:
+        epoch = self.epoch + 1
+        hint = (f"try a lower --lr (now {self.cfg.lr:g}), more regularisation (--reg, now "
+                f"{self.cfg.reg:g}) or a smaller --init-std (now {self.cfg.init_std:g})")
+        if not math.isfinite(loss):
+            raise PipelineError(f"training diverged: the loss is {loss} at epoch {epoch} of "
+                                f"{self.cfg.model}; {hint}")
+        if self.first_loss is not None and loss > 10 * self.first_loss + 1.0:
+            raise PipelineError(f"training diverged: the loss grew from {self.first_loss:.4g} "
+                                f"(epoch 1) to {loss:.4g} at epoch {epoch} of "
+                                f"{self.cfg.model}; {hint}")
+
+    def _improved(self, v: float) -> bool:
+        if not math.isfinite(v):
+            return False
+        return v > self.best + 1e-6 if self.higher else v < self.best - 1e-6
+
+    def fit(self) -> None:
+        cfg = self.cfg
+        log.info("training %s (%s) on %s: %d users, %d items, %d train, %d valid; "
+                 "selecting on valid %s", cfg.model, cfg.task, self.dev, self.data.n_users,
+                 self.data.n_items, len(self.data.train), len(self.data.valid), self.metric)
+        t_run = time.perf_counter()
+        while self.epoch < cfg.epochs:
+            if self.bad_epochs >= cfg.patience:
+                break
+            if cfg.max_seconds and time.perf_counter() - t_run > cfg.max_seconds:
+                log.info("stopping: --max-seconds %.0f reached", cfg.max_seconds)
+                break
+            t0 = time.perf_counter()
+            loss, samples = self.train_epoch()
+            if self.dev.type == "cuda":
+                torch.cuda.synchronize()
+            t_train = time.perf_counter() - t0
+            self._check_loss(loss)
+            if self.first_loss is None:
+                self.first_loss = loss
+            valid = evaluate(self.model, self.data, "valid", cfg, full=False)
+            secs = time.perf_counter() - t0
+            self.train_seconds += t_train
+            self.epoch += 1
+            v = valid.get(self.metric, float("nan"))
+            if self._improved(v):
+                self.best, self.best_epoch, self.best_valid = v, self.epoch, dict(valid)
+                self.best_state = copy.deepcopy(self.model.state_dict())
+                self.bad_epochs = 0
+                mark = " *"
+            else:
+                self.bad_epochs += 1
+                mark = ""
+                if cfg.lr_schedule == "plateau":
+                    self.lr_factor *= cfg.lr_decay
+            lr_now = cfg.lr * self._lr_factor_for(self.epoch)
+            row = {"epoch": self.epoch, "loss": round(loss, 6),
+                   **{f"valid_{k}": round(x, 6) for k, x in valid.items()},
+                   "lr": lr_now, "seconds": round(secs, 3),
+                   "samples_per_s": round(samples / max(t_train, 1e-9), 1)}
+            self.history.append(row)
+            log.info("epoch %3d  loss %.4f  valid %s %.4f%s  %.1fs  %.0f samples/s",
+                     self.epoch, loss, self.metric, v, mark, secs, row["samples_per_s"])
+            self.save_checkpoint()
+            write_history(self.out_dir / "history.csv", self.history)
+
+
+def _metric_line(d: dict[str, float]) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in d.items())
+
+
+def run(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
+    """Train per ``cfg`` (resolved here) and write the stage folder; returns metrics.json."""
+    cfg = cfg.resolved()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    dev = resolve_device(cfg.device)
+    data = load_data(cfg.data_dir, cfg.task, dev)
+    if cfg.task == "explicit" and data.candidates:
+        log.info("explicit task on a leave-one-out split: trains on the ratings, reports RMSE/"
+                 "MAE of the held-out (latest) ratings and also ranks the sampled candidates "
+                 "by predicted rating (hr@10, ndcg@10); selection on validation RMSE")
+    if cfg.task == "implicit" and not data.candidates:
+        log.info("implicit task without sampled candidates (random split): evaluating full "
+                 "ranking only (full_hr@10, full_ndcg@10, full_recall@20)")
+    up40 = read_manifest(cfg.data_dir, "40_make_sparse_matrix")
+    out_dir = stage_dir(cfg.data_dir, STAGE) / cfg.model
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "manifest.json").unlink(missing_ok=True)   # not finished until written again
+    trainer = Trainer(cfg, data, out_dir, command)
+    if cfg.resume:
+        trainer.restore(out_dir / "checkpoint.pt")
+    try:
+        trainer.fit()
+    except KeyboardInterrupt:
+        # checkpoint.pt holds the last completed epoch (written at every epoch end), which
+        # is what --resume continues from exactly; history and curve are brought up to date.
+        if trainer.epoch > 0:
+            trainer.save_checkpoint()
+            write_history(out_dir / "history.csv", trainer.history)
+            plot_curve(out_dir / "curve.png", trainer.history, trainer.metric,
+                       f"{cfg.model} ({cfg.task})")
+            log.info("interrupted: checkpoint of epoch %d saved to %s; continue with `%s "
+                     "--resume`", trainer.epoch, out_dir / "checkpoint.pt",
+                     command or f"python {PROG} --model {cfg.model}")
+        raise
+    finally:
+        trainer.l2.close()
+    if trainer.best_epoch == 0:
+        raise PipelineError(f"no epoch produced a finite validation {trainer.metric}; check "
+                            f"the validation split of {cfg.data_dir}/40_make_sparse_matrix")
+    # the best model, test evaluated once
+    trainer.model.load_state_dict(trainer.best_state)
+    valid = evaluate(trainer.model, data, "valid", cfg, full=True)
+    test = evaluate(trainer.model, data, "test", cfg, full=True)
+    meta = {"model": cfg.model, "model_args": trainer.args,
+            "state_dict": trainer.model.state_dict(), "task": cfg.task,
+            "rating_scale": [float(data.rating_scale[0]), float(data.rating_scale[1])],
+            "n_users": data.n_users, "n_items": data.n_items,
+            "best_epoch": trainer.best_epoch, "valid_metric": valid,
+            "config": config_dict(cfg)}
+    _atomic_save(meta, out_dir / "model.pt")
+    write_history(out_dir / "history.csv", trainer.history)
+    plot_curve(out_dir / "curve.png", trainer.history, trainer.metric,
+               f"{cfg.model} ({cfg.task}), best epoch {trainer.best_epoch}")
+    metrics = {"test": test, "valid": valid, "best_epoch": trainer.best_epoch,
+               "epochs_run": trainer.epoch, "selection_metric": trainer.metric,
+               "train_seconds": round(trainer.train_seconds, 3), "config": config_dict(cfg)}
+    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "manifest.json", {
+        "stage": STAGE, "model": cfg.model, "task": cfg.task,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "n_users": data.n_users, "n_items": data.n_items, "dataset": up40.get("dataset"),
+        "best_epoch": trainer.best_epoch, "valid": valid, "test": test,
+        "files": ["model.pt", "checkpoint.pt", "history.csv", "metrics.json", "curve.png"],
+        "config": config_dict(cfg), "command": command,
+        "upstream": upstream_entry(cfg.data_dir, "40_make_sparse_matrix")})
+    log.info("best epoch %d of %d (validation %s)", trainer.best_epoch, trainer.epoch,
+             trainer.metric)
+    log.info("valid: %s", _metric_line(valid))
+    log.info("test:  %s", _metric_line(test))
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    cfg = parse_config(TrainConfig, argv, PROG, DESCRIPTION)
+    print_config(cfg.resolved(), PROG)
+    command = command_line(PROG, argv)
+    metrics = run(cfg, command)
+    out = stage_dir(cfg.data_dir, STAGE) / cfg.model
+    print(json.dumps({"model": cfg.model, "test": metrics["test"], "valid": metrics["valid"],
+                      "best_epoch": metrics["best_epoch"],
+                      "train_seconds": metrics["train_seconds"]}, indent=None))
+    log.info("wrote %s; next: `python 70_recommend.py --data-dir %s --model %s`", out,
+             cfg.data_dir, cfg.model)
+    return metrics

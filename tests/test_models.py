@@ -1,0 +1,77 @@
+"""models.py: forward shapes with broadcasting, the user_/item_ naming rule, pretraining."""
+import pytest
+import torch
+from torch import nn
+
+import models
+
+N_USERS, N_ITEMS = 6, 9
+SMALL = {"mf": {"dim": 4}, "deepmf": {"emb_dim": 8, "hidden": 4}, "gmf": {"dim": 4},
+         "mlp": {"layers": [8, 4]}, "neumf": {"gmf_dim": 4, "layers": [8, 4]}}
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_forward_shapes_and_broadcasting(name):
+    torch.manual_seed(0)
+    m = models.build_model(name, n_users=N_USERS, n_items=N_ITEMS, global_mean=3.5, scale=1.1,
+                           **SMALL[name]).eval()
+    u = torch.tensor([0, 1, 5, 2])
+    i = torch.tensor([3, 8, 0, 3])
+    pairs = m(u, i)
+    assert pairs.shape == (4,) and pairs.dtype == torch.float32
+    cand = torch.randint(0, N_ITEMS, (N_USERS, 5))
+    sc = m(torch.arange(N_USERS)[:, None], cand)
+    assert sc.shape == (N_USERS, 5)
+    full = m(torch.arange(N_USERS)[:, None], torch.arange(N_ITEMS)[None, :])
+    assert full.shape == (N_USERS, N_ITEMS)
+    # every layout gives the same score for the same (user, item)
+    torch.testing.assert_close(full[u, i], pairs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(full.gather(1, cand), sc, rtol=1e-5, atol=1e-5)
+    assert m.item_vectors().shape[0] == N_ITEMS and m.item_vectors().dim() == 2
+
+
+@pytest.mark.parametrize("name", sorted(models.MODELS))
+def test_user_and_item_parameters_are_prefixed_embeddings(name):
+    m = models.build_model(name, n_users=N_USERS, n_items=N_ITEMS, **SMALL[name])
+    sides = {n: c for n, c in m.named_children() if n.startswith(("user_", "item_"))}
+    assert any(n.startswith("user_") for n in sides) and any(n.startswith("item_") for n in sides)
+    for n, c in sides.items():
+        assert isinstance(c, nn.Embedding), n
+        rows = N_USERS if n.startswith("user_") else N_ITEMS
+        assert c.num_embeddings == rows, n
+    # a fold-in that moves only one user's rows changes only that user's scores
+    before = m(torch.arange(N_USERS)[:, None], torch.arange(N_ITEMS)[None]).detach()
+    with torch.no_grad():
+        for n, c in sides.items():
+            if n.startswith("user_"):
+                c.weight[2] += 0.5
+    after = m(torch.arange(N_USERS)[:, None], torch.arange(N_ITEMS)[None]).detach()
+    changed = (after - before).abs().sum(1) > 0
+    assert changed.tolist() == [u == 2 for u in range(N_USERS)]
+
+
+def test_explicit_prediction_includes_global_mean_and_scale():
+    m = models.BiasedMF(3, 4, dim=2, init_std=0.0, global_mean=3.25, scale=2.0)
+    assert torch.allclose(m(torch.tensor([0, 1]), torch.tensor([2, 3])), torch.tensor([3.25, 3.25]))
+    with torch.no_grad():
+        m.user_bias.weight[0] = 0.5
+    assert float(m(torch.tensor([0]), torch.tensor([0])).detach()) == pytest.approx(3.25 + 2.0 * 0.5)
+
+
+def test_neumf_pretraining_combines_gmf_and_mlp():
+    torch.manual_seed(0)
+    gmf = models.GMF(N_USERS, N_ITEMS, dim=4)
+    mlp = models.MLP(N_USERS, N_ITEMS, layers=[8, 4])
+    neu = models.NeuMF(N_USERS, N_ITEMS, gmf_dim=4, layers=[8, 4])
+    neu.load_pretrained(gmf, mlp, alpha=0.5)
+    u, i = torch.arange(N_USERS)[:, None], torch.arange(N_ITEMS)[None]
+    with torch.no_grad():
+        want = 0.5 * gmf(u, i) + 0.5 * mlp(u, i)
+        torch.testing.assert_close(neu(u, i), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="GMF embedding shape"):
+        models.NeuMF(N_USERS, N_ITEMS, gmf_dim=8, layers=[8, 4]).load_pretrained(gmf, mlp)
+
+
+def test_build_model_rejects_unknown_name():
+    with pytest.raises(ValueError, match="expected one of"):
+        models.build_model("svd", n_users=2, n_items=2)

@@ -1,0 +1,204 @@
+"""Stage 60 on real data (ML-100K through stages 20-40): every model and task beats a trivial
+baseline, resume equals an uninterrupted run, Ctrl-C leaves a resumable checkpoint, NaN input
+and divergence are refused with clear errors, checkpoints load with weights_only=True."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from conftest import run_script
+from recpipe import ids, matrix, split
+from recpipe.artifacts import StageOutput
+from recpipe.cli import PipelineError
+from recpipe.train import Trainer, TrainConfig, load_model, run
+from stage_fixtures import write_ml100k_stage10
+
+FAST = ["--threads", "2", "--batch-size", "4096"]
+IMPLICIT_FAST = ["--batch-size", "8192", "--n-negatives", "2"]
+SMALL = {"mf": ["--dim", "16"], "deepmf": ["--dim", "16", "--hidden", "16"],
+         "gmf": ["--dim", "8"], "mlp": ["--layers", "16", "8"],
+         "neumf": ["--dim", "8", "--layers", "16", "8"]}
+
+
+def _cfg(data_dir: Path, *argv: str) -> TrainConfig:
+    from recpipe.cli import parse_config
+    return parse_config(TrainConfig, ["--data-dir", str(data_dir), *FAST, *argv], "60_train.py", "")
+
+
+def _pipeline(data_dir: Path, shared_data: Path, *split_args: str) -> Path:
+    write_ml100k_stage10(data_dir, shared_data)
+    ids.main(["--data-dir", str(data_dir)])
+    split.main(["--data-dir", str(data_dir), "--seed", "1", *split_args])
+    matrix.main(["--data-dir", str(data_dir)])
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def ml100k_random(tmp_path_factory, request) -> Path:
+    shared = request.getfixturevalue("shared_data")
+    return _pipeline(tmp_path_factory.mktemp("random"), shared, "--strategy", "random")
+
+
+@pytest.fixture(scope="module")
+def ml100k_loo(tmp_path_factory, request) -> Path:
+    shared = request.getfixturevalue("shared_data")
+    return _pipeline(tmp_path_factory.mktemp("loo"), shared, "--strategy", "loo")
+
+
+@pytest.fixture(scope="module")
+def shared_data():  # module-scoped twin of conftest's fixture (same skip rule)
+    from conftest import SHARED_DATA
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (set RECPIPE_SHARED_DATA to run)")
+    return SHARED_DATA
+
+
+def _global_mean_rmse(data_dir: Path) -> float:
+    d = data_dir / "40_make_sparse_matrix"
+    tr = sp.load_npz(d / "train.npz")
+    te = sp.load_npz(d / "test.npz")
+    mu = tr.data.mean()
+    return float(np.sqrt(np.mean((te.data - mu) ** 2)))
+
+
+def test_help_lists_the_options():
+    proc = run_script("60_train.py", "--help")
+    for flag in ("--model", "--task", "--epochs", "--device", "--resume", "--optimizer",
+                 "--batch-size", "--reg", "--patience", "--pretrained"):
+        assert flag in proc.stdout
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("model", ["mf", "deepmf", "gmf", "mlp", "neumf"])
+def test_explicit_beats_global_mean(ml100k_random, model):
+    m = run(_cfg(ml100k_random, "--model", model, "--task", "explicit", "--epochs", "4",
+                 "--lr", "5e-3", *SMALL[model]))
+    base = _global_mean_rmse(ml100k_random)
+    assert m["test"]["rmse"] < base - 0.05, (m["test"], base)
+    assert set(m) >= {"test", "valid", "best_epoch", "train_seconds", "config"}
+    out = ml100k_random / "60_train" / model
+    for f in ("model.pt", "checkpoint.pt", "history.csv", "metrics.json", "curve.png",
+              "manifest.json"):
+        assert (out / f).exists(), f
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("model", ["mf", "deepmf", "gmf", "mlp", "neumf"])
+def test_implicit_beats_random_ranking(ml100k_loo, model):
+    m = run(_cfg(ml100k_loo, "--model", model, "--task", "implicit", "--epochs", "1",
+                 "--lr", "1e-2", *IMPLICIT_FAST, *SMALL[model]))
+    # random ranking of 1 + 99 candidates gives HR@10 = 0.10; a constant score gives 0
+    assert m["test"]["hr@10"] > 0.25, m["test"]
+    assert 0 < m["test"]["ndcg@10"] < m["test"]["hr@10"]
+    for k in ("full_hr@10", "full_ndcg@10", "full_recall@20"):
+        assert 0 <= m["test"][k] <= 1
+
+
+@pytest.mark.shared
+def test_implicit_on_random_split_reports_full_ranking(ml100k_random):
+    m = run(_cfg(ml100k_random, "--model", "gmf", "--epochs", "1", "--lr", "1e-2",
+                 *IMPLICIT_FAST, *SMALL["gmf"]))
+    assert "hr@10" not in m["test"] and m["test"]["full_hr@10"] > 0.1
+    assert m["selection_metric"] == "full_ndcg@10"
+
+
+def _state(data_dir: Path, model: str) -> dict:
+    return torch.load(data_dir / "60_train" / model / "model.pt", weights_only=True)
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("model,task", [("mf", "explicit"), ("gmf", "implicit")])
+def test_resume_equals_uninterrupted_run(ml100k_loo, model, task):
+    args = ["--model", model, "--task", task, "--patience", "10", "--lr", "5e-3", *SMALL[model]]
+    if task == "implicit":
+        args += IMPLICIT_FAST
+    full = run(_cfg(ml100k_loo, *args, "--epochs", "3"))
+    want = _state(ml100k_loo, model)
+    run(_cfg(ml100k_loo, *args, "--epochs", "1"))
+    resumed = run(_cfg(ml100k_loo, *args, "--epochs", "3", "--resume"))
+    got = _state(ml100k_loo, model)
+    assert resumed["test"] == full["test"] and resumed["best_epoch"] == full["best_epoch"]
+    for k, v in want["state_dict"].items():
+        assert torch.equal(v, got["state_dict"][k]), k
+    hist = (ml100k_loo / "60_train" / model / "history.csv").read_text().splitlines()
+    assert len(hist) == 1 + 3
+
+
+@pytest.mark.shared
+def test_ctrl_c_saves_checkpoint_and_resume_finishes(ml100k_random, monkeypatch):
+    args = ["--model", "mf", "--epochs", "3", "--patience", "10", *SMALL["mf"]]
+    out = ml100k_random / "60_train" / "mf"
+    calls = {"n": 0}
+    real = Trainer.train_epoch
+
+    def interrupted(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(ml100k_random, *args))
+    assert not (out / "manifest.json").exists()          # an interrupted run is not finished
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] == 1 and len(ck["history"]) == 1
+    monkeypatch.setattr(Trainer, "train_epoch", real)
+    m = run(_cfg(ml100k_random, *args, "--resume"))
+    assert m["epochs_run"] == 3 and (out / "manifest.json").exists()
+
+
+@pytest.mark.shared
+def test_checkpoint_format_and_load_model(ml100k_random):
+    run(_cfg(ml100k_random, "--model", "mf", "--epochs", "2", *SMALL["mf"]))
+    out = ml100k_random / "60_train" / "mf"
+    meta = torch.load(out / "model.pt", weights_only=True)
+    assert meta["model"] == "mf" and meta["task"] == "explicit"
+    assert meta["rating_scale"] == [1.0, 5.0] and meta["n_users"] == 943
+    json.dumps(meta["model_args"]), json.dumps(meta["config"])   # plain types only
+    model, meta2 = load_model(out, "cpu")
+    metrics = json.loads((out / "metrics.json").read_text())
+    te = sp.load_npz(ml100k_random / "40_make_sparse_matrix" / "test.npz").tocoo()
+    with torch.no_grad():
+        pred = model(torch.from_numpy(te.row.astype(np.int64)),
+                     torch.from_numpy(te.col.astype(np.int64))).clamp(1, 5).numpy()
+    rmse = math.sqrt(float(np.mean((pred - te.data) ** 2)))
+    assert rmse == pytest.approx(metrics["test"]["rmse"], abs=1e-4)
+
+
+def _tiny_stage40(data_dir: Path, ratings: np.ndarray) -> Path:
+    u = np.array([0, 0, 1, 1, 2, 2], dtype=np.int32)
+    i = np.array([0, 1, 1, 2, 0, 2], dtype=np.int32)
+    with StageOutput(data_dir, "40_make_sparse_matrix") as out:
+        for part in ("train", "valid", "test"):
+            m = sp.csr_matrix((ratings.astype(np.float32), (u, i)), shape=(3, 3))
+            sp.save_npz(out.path(f"{part}.npz"), m)
+            sp.save_npz(out.path(f"{part}_implicit.npz"),
+                        sp.csr_matrix((np.ones(6, np.float32), (u, i)), shape=(3, 3)))
+        out.commit({"n_users": 3, "n_items": 3, "rating_scale": [1.0, 5.0]})
+    return data_dir
+
+
+def test_nan_rating_is_refused(tmp_path):
+    d = _tiny_stage40(tmp_path, np.array([4, 3, np.nan, 5, 1, 2]))
+    with pytest.raises(PipelineError, match=r"train\.npz: 1 non-finite.*--task implicit"):
+        run(_cfg(d, "--model", "mf", "--epochs", "1"))
+
+
+def test_diverging_loss_stops_with_advice(tmp_path):
+    d = _tiny_stage40(tmp_path, np.array([4, 3, 1, 5, 1, 2], dtype=float))
+    with pytest.raises(PipelineError, match=r"diverged.*epoch \d+.*lower --lr"):
+        run(_cfg(d, "--model", "mf", "--epochs", "20", "--optimizer", "sgd", "--lr", "1e6",
+                 "--batch-size", "0", "--reg", "0"))
+
+
+def test_missing_stage40_names_the_command(tmp_path):
+    with pytest.raises(PipelineError, match="40_make_sparse_matrix.py"):
+        run(_cfg(tmp_path, "--model", "mf"))
