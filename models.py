@@ -40,6 +40,23 @@ def _pair_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(-1)
 
 
+def _look(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` (any shape) of an embedding table.
+
+    Dense tables use ``index_select``, whose backward (an ``index_add``) is about 3x faster on
+    CPU than ``nn.Embedding``'s; sparse tables go through the module (sparse gradients). When
+    the trainer sets ``emb.captured`` to a list, the looked-up rows are appended to it (the
+    trainer's L2 on the rows a batch used)."""
+    if emb.sparse:
+        out = emb(idx)
+    else:
+        out = emb.weight.index_select(0, idx.reshape(-1)).view(*idx.shape, emb.embedding_dim)
+    cap = getattr(emb, "captured", None)
+    if cap is not None:
+        cap.append(out)
+    return out
+
+
 def _emb(n: int, d: int, std: float, sparse: bool) -> nn.Embedding:
     e = nn.Embedding(n, d, sparse=sparse)
     nn.init.normal_(e.weight, 0.0, std)
@@ -73,7 +90,7 @@ class _Base(nn.Module):
     def _bias(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor | float:
         if not getattr(self, "use_bias", False):
             return 0.0
-        return self.user_bias(users).squeeze(-1) + self.item_bias(items).squeeze(-1)
+        return _look(self.user_bias, users).squeeze(-1) + _look(self.item_bias, items).squeeze(-1)
 
     def _out(self, x: torch.Tensor) -> torch.Tensor:
         # the network works in standardised units; scale and global_mean map to the ratings
@@ -92,10 +109,11 @@ class BiasedMF(_Base):
         self.item_bias = _zero_emb(n_items, 1, sparse)
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        p = self.user_factors(users)
-        q = self.item_factors(items)
+        p = _look(self.user_factors, users)
+        q = _look(self.item_factors, items)
         dot = _pair_dot(p, q)
-        return self._out(dot + self.user_bias(users).squeeze(-1) + self.item_bias(items).squeeze(-1))
+        bias = _look(self.user_bias, users).squeeze(-1) + _look(self.item_bias, items).squeeze(-1)
+        return self._out(dot + bias)
 
     def item_vectors(self) -> torch.Tensor:
         return self.item_factors.weight.detach()
@@ -122,10 +140,10 @@ class DeepMF(_Base):
         nn.init.zeros_(self.output.bias)
 
     def _user_side(self, users: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.tower_user(self.drop(self.user_embedding(users))))
+        return torch.relu(self.tower_user(self.drop(_look(self.user_embedding, users))))
 
     def _item_side(self, items: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.tower_item(self.drop(self.item_embedding(items))))
+        return torch.relu(self.tower_item(self.drop(_look(self.item_embedding, items))))
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         hu = self._user_side(users) * self.output.weight[0]
@@ -152,8 +170,8 @@ class GMF(_Base):
         nn.init.zeros_(self.predict.bias)
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        return self._out(_pair_dot(self.user_gmf(users) * self.predict.weight[0],
-                                   self.item_gmf(items)) + self.predict.bias[0]
+        return self._out(_pair_dot(_look(self.user_gmf, users) * self.predict.weight[0],
+                                   _look(self.item_gmf, items)) + self.predict.bias[0]
                          + self._bias(users, items))
 
     def item_vectors(self) -> torch.Tensor:
@@ -172,12 +190,21 @@ class _Tower(nn.Module):
         self.first_item = nn.Linear(emb_dim, layers[0], bias=False)
         rest = []
         for a, b in zip(layers[:-1], layers[1:]):
-            rest += [nn.Dropout(dropout), nn.Linear(a, b), nn.ReLU()]
+            rest += [nn.Dropout(dropout), nn.Linear(a, b), nn.ReLU(inplace=True)]
         self.rest = nn.Sequential(*rest)
         self.out_dim = layers[-1]
 
     def forward(self, pu: torch.Tensor, qi: torch.Tensor) -> torch.Tensor:
         return self.rest(torch.relu(self.first_user(pu) + self.first_item(qi)))
+
+    def forward_items(self, pu: torch.Tensor, items: torch.Tensor, table: torch.Tensor
+                      ) -> torch.Tensor:
+        """Like forward(pu, table[items]) but projects the item table once and gathers the
+        projections: cheaper when many candidates repeat the same items (evaluation)."""
+        proj = self.first_item(table)                       # [n_items, h]
+        h = nn.functional.embedding(items, proj)
+        h.add_(self.first_user(pu)).relu_()                # in place: no extra [U, C, h] copies
+        return self.rest(h)
 
 
 class MLP(_Base):
@@ -197,8 +224,14 @@ class MLP(_Base):
         self.predict = nn.Linear(layers[-1], 1)
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        return self._out(self.predict(self.tower(self.user_mlp(users), self.item_mlp(items)))
-                         .squeeze(-1) + self._bias(users, items))
+        return self._out(self.predict(self._mlp(users, items)).squeeze(-1)
+                         + self._bias(users, items))
+
+    def _mlp(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        if not self.training and items.numel() > 4 * self.n_items:
+            return self.tower.forward_items(_look(self.user_mlp, users), items,
+                                            self.item_mlp.weight)
+        return self.tower(_look(self.user_mlp, users), _look(self.item_mlp, items))
 
     def item_vectors(self) -> torch.Tensor:
         return self.item_mlp.weight.detach()
@@ -226,8 +259,13 @@ class NeuMF(_Base):
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         w = self.predict.weight[0]
-        g = _pair_dot(self.user_gmf(users) * w[: self.gmf_dim], self.item_gmf(items))
-        m = self.tower(self.user_mlp(users), self.item_mlp(items)) @ w[self.gmf_dim:]
+        g = _pair_dot(_look(self.user_gmf, users) * w[: self.gmf_dim], _look(self.item_gmf, items))
+        if not self.training and items.numel() > 4 * self.n_items:
+            h = self.tower.forward_items(_look(self.user_mlp, users), items,
+                                         self.item_mlp.weight)
+        else:
+            h = self.tower(_look(self.user_mlp, users), _look(self.item_mlp, items))
+        m = h @ w[self.gmf_dim:]
         return self._out(g + m + self.predict.bias[0] + self._bias(users, items))
 
     @torch.no_grad()

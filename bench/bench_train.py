@@ -61,9 +61,20 @@ def synthetic(n_ratings: int, n_users: int, n_items: int, seed: int, device: tor
                 train_keys=keys, candidates={}, device=device)
 
 
-def time_epoch(data: Data, cfg: TrainConfig, out: Path) -> tuple[float, int, float]:
-    trainer = Trainer(cfg.resolved(), data, out, "bench")
-    trainer.train_epoch()                              # warm-up epoch (allocations)
+def _head(data: Data, n: int) -> Data:
+    """``data`` whose train part is its first ``n`` (already shuffled) interactions."""
+    import dataclasses
+    t = data.train
+    return dataclasses.replace(data, train=Part(t.users[:n], t.items[:n], t.ratings[:n]))
+
+
+def time_epoch(data: Data, cfg: TrainConfig, out: Path, limit: int = 0
+               ) -> tuple[float, int, float]:
+    """Seconds, samples and loss of one training epoch (over the first ``limit`` train
+    interactions when given), after a short warm-up epoch on 3 batches."""
+    trainer = Trainer(cfg.resolved(), _head(data, 3 * cfg.batch_size), out, "bench")
+    trainer.train_epoch()                              # warm-up (allocations, threads)
+    trainer.data = _head(data, limit) if limit else data
     t0 = time.perf_counter()
     loss, samples = trainer.train_epoch()
     if data.device.type == "cuda":
@@ -72,18 +83,23 @@ def time_epoch(data: Data, cfg: TrainConfig, out: Path) -> tuple[float, int, flo
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratings", type=int, default=10_000_000)
     ap.add_argument("--users", type=int, default=70_000)
     ap.add_argument("--items", type=int, default=10_000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--optimizer", default="sparse_adam",
+    ap.add_argument("--optimizer", default="adam",
                     help="optimizer for both training benches (adam, sparse_adam, sgd, adagrad)")
     ap.add_argument("--batch-size", type=int, default=65536)
+    ap.add_argument("--neumf-positives", type=int, default=2_000_000,
+                    help="time NeuMF over this many positives (x5 samples with 4 negatives); "
+                         "0 = the whole epoch")
     ap.add_argument("--skip", nargs="*", default=[], choices=["mf", "neumf", "eval"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)      # as stage 60 does (subnormals slow CPU math)
     dev = torch.device(args.device)
     out = Path(__file__).resolve().parent / "out" / "bench_train"
     out.mkdir(parents=True, exist_ok=True)
@@ -107,10 +123,11 @@ def main() -> None:
         cfg = TrainConfig(model="neumf", task="implicit", dim=16, layers=[64, 32, 16, 8],
                           optimizer=args.optimizer, batch_size=args.batch_size, lr=1e-3,
                           n_negatives=4, device=args.device)
-        secs, n, loss = time_epoch(data, cfg, out)
+        secs, n, loss = time_epoch(data, cfg, out, args.neumf_positives)
         print(f"[neumf implicit, 4 negatives, {args.optimizer}, batch {args.batch_size}] one "
               f"epoch {n:,} samples in {secs:.2f}s = {n / secs / 1e6:.2f}M samples/s "
-              f"(target >= 1M/s), loss {loss:.4f}")
+              f"(target >= 1M/s), loss {loss:.4f}; timed over "
+              f"{args.neumf_positives or len(data.train):,} positives of {len(data.train):,}")
         model = Trainer(cfg.resolved(), data, out, "bench").model.eval()
     else:
         data = synthetic(min(args.ratings, 1_000_000), args.users, args.items, 0, dev, "implicit")
@@ -126,6 +143,14 @@ def main() -> None:
         res = sampled_rank_metrics(score_candidates(model, users, cand), cand)
         secs = time.perf_counter() - t0
         print(f"[sampled evaluation, neumf] {args.users:,} users x 100 candidates in "
+              f"{secs:.3f}s (target < 2 s): {res}")
+        mf = Trainer(TrainConfig(model="mf", task="explicit", dim=64).resolved(), data, out,
+                     "bench").model.eval()
+        score_candidates(mf, users[:1000], cand[:1000])
+        t0 = time.perf_counter()
+        res = sampled_rank_metrics(score_candidates(mf, users, cand), cand)
+        secs = time.perf_counter() - t0
+        print(f"[sampled evaluation, mf k=64] {args.users:,} users x 100 candidates in "
               f"{secs:.3f}s (target < 2 s): {res}")
 
 

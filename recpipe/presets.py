@@ -43,7 +43,8 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("mlp", "implicit"): {"layers": [64, 32, 16, 8], "lr": 1e-3, "batch_size": 1024,
                           "reg": 0.0, "init_std": 0.01, "epochs": 30},
     ("neumf", "implicit"): {"dim": 16, "layers": [64, 32, 16, 8], "lr": 1e-3,
-                            "batch_size": 1024, "reg": 0.0, "init_std": 0.01, "epochs": 30},
+                            "batch_size": 1024, "reg": 0.0, "init_std": 0.01, "epochs": 30,
+                            "n_negatives": 8},
 }
 
 

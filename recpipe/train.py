@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -91,6 +90,10 @@ class TrainConfig:
     pretrained: bool = opt(False, "neumf: initialise from DATA_DIR/60_train/gmf and mlp "
                            "(train those first with the same --dim / --layers), alpha 0.5")
     alpha: float = opt(0.5, "neumf --pretrained: weight of the GMF output layer")
+    refit: bool = opt(True, "after choosing the epoch on validation, retrain from scratch on "
+                      "train + valid for that many epochs (same seed and learning rates) "
+                      "and evaluate test with that model; --no-refit tests the selected "
+                      "model itself")
     amp: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU)")
     threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
     eval_batch: int = opt(0, "users per full-ranking evaluation block (0 = automatic)")
@@ -105,13 +108,15 @@ class TrainConfig:
         for name in ("lr", "lr_decay"):
             v = getattr(self, name)
             if v is not None and not (v > 0 and math.isfinite(v)):
-                raise PipelineError(f"--{name.replace('_', '-')} must be a positive number, got {v}")
+                raise PipelineError(f"--{name.replace('_', '-')} must be a positive number, "
+                                    f"got {v}")
         for name in ("reg", "init_std", "dropout", "momentum"):
             v = getattr(self, name)
             if v is not None and not (v >= 0 and math.isfinite(v)):
                 raise PipelineError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
         if self.batch_size is not None and self.batch_size < 0:
-            raise PipelineError(f"--batch-size must be >= 0 (0 = full batch), got {self.batch_size}")
+            raise PipelineError(f"--batch-size must be >= 0 (0 = full batch), "
+                                f"got {self.batch_size}")
         if self.layers is not None and (len(self.layers) < 1 or min(self.layers) < 1):
             raise PipelineError(f"--layers must be positive sizes, got {self.layers}")
         if self.pretrained and self.model != "neumf":
@@ -160,6 +165,12 @@ def side_embeddings(model: nn.Module) -> list[nn.Embedding]:
             if (n.startswith("user_") or n.startswith("item_")) and isinstance(m, nn.Embedding)]
 
 
+def _fused_ok(model: nn.Module) -> bool:
+    """torch's fused Adam (one pass over each tensor) on CPU and CUDA; off for sparse grads."""
+    return all(not getattr(m, "sparse", False) for m in model.modules()
+               if isinstance(m, nn.Embedding))
+
+
 class Optimizers:
     """One or two torch optimisers behind one interface (sparse tables + dense layers)."""
 
@@ -170,7 +181,8 @@ class Optimizers:
         emb_params = [p for m in emb for p in m.parameters()]
         self.opts: list[torch.optim.Optimizer] = []
         if cfg.optimizer == "adam":
-            self.opts.append(torch.optim.Adam(list(model.parameters()), lr=cfg.lr))
+            self.opts.append(torch.optim.Adam(list(model.parameters()), lr=cfg.lr,
+                                              fused=_fused_ok(model)))
         elif cfg.optimizer == "sgd":
             self.opts.append(torch.optim.SGD(list(model.parameters()), lr=cfg.lr,
                                              momentum=cfg.momentum))
@@ -206,27 +218,33 @@ class Optimizers:
 
 
 class RowL2:
-    """Captures the outputs of the user_/item_ embeddings during forward, so the loss can add
-    L2 on exactly the rows the batch used (per sample) without a second lookup."""
+    """Collects the rows the model looks up in its user_/item_ embeddings during forward
+    (models.py appends them to ``embedding.captured``), so the loss can add L2 on exactly
+    the rows the batch used (per sample) without a second lookup."""
 
     def __init__(self, model: nn.Module):
         self.outs: list[torch.Tensor] = []
-        self.handles = [m.register_forward_hook(self._hook) for m in side_embeddings(model)]
-        self.active = False
+        self.tables = side_embeddings(model)
+        self._active = False
 
-    def _hook(self, module, inputs, output):
-        if self.active:
-            self.outs.append(output)
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    @active.setter
+    def active(self, on: bool) -> None:
+        self._active = bool(on)
+        for m in self.tables:
+            m.captured = self.outs if on else None
 
     def take(self, n_samples: int) -> torch.Tensor:
         """Sum of squares of the captured rows, divided by the samples in the batch."""
         total = sum(o.float().square().sum() for o in self.outs)
-        self.outs = []
+        self.outs.clear()
         return total / max(1, n_samples)
 
     def close(self) -> None:
-        for h in self.handles:
-            h.remove()
+        self.active = False
 
 
 # ---------------------------------------------------------------------------------------
@@ -250,7 +268,7 @@ def predict_pairs(model: nn.Module, users: torch.Tensor, items: torch.Tensor,
 
 @torch.inference_mode()
 def score_candidates(model: nn.Module, users: torch.Tensor, items: torch.Tensor,
-                     block: int = 65536) -> torch.Tensor:
+                     block: int = 8192) -> torch.Tensor:
     """[U, C] scores for users [U] and candidate items [U, C]."""
     outs = [model(users[s:s + block, None], items[s:s + block]).float()
             for s in range(0, users.shape[0], block)]
@@ -343,10 +361,13 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def load_model(model_dir: str | Path, device: str | torch.device = "cpu"
-               ) -> tuple[nn.Module, dict[str, Any]]:
-    """(model in eval mode on ``device``, metadata) from DIR/model.pt (weights_only load)."""
-    path = Path(model_dir) / "model.pt"
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
+               filename: str = "model.pt") -> tuple[nn.Module, dict[str, Any]]:
+    """(model in eval mode on ``device``, metadata) from DIR/model.pt (weights_only load).
+
+    ``filename="selected.pt"`` loads the model selected on validation before the refit
+    (trained on train only; written only when the run refitted)."""
+    path = Path(model_dir) / filename
     if not path.exists():
         raise PipelineError(f"{path} not found: train the model first with "
                             f"`python 60_train.py --model {Path(model_dir).name} "
@@ -443,8 +464,10 @@ _RESUME_KEYS = ("model", "task", "dim", "hidden", "layers", "optimizer", "seed",
 class Trainer:
     """One training run: data, model, optimiser, schedule and early-stopping state."""
 
-    def __init__(self, cfg: TrainConfig, data: Data, out_dir: Path, command: str):
+    def __init__(self, cfg: TrainConfig, data: Data, out_dir: Path, command: str,
+                 is_refit: bool = False):
         self.cfg = cfg
+        self.is_refit = is_refit
         self.data = data
         self.out_dir = out_dir
         self.command = command
@@ -471,12 +494,19 @@ class Trainer:
         self.first_loss: float | None = None
         self.train_seconds = 0.0
         self.use_amp = cfg.amp and self.dev.type == "cuda"
+        self.forced_factors: list[float] | None = None
+        self.epoch_factor = 1.0
 
     def _load_pretrained(self) -> None:
+        # the selection run starts from GMF/MLP trained on train only (selected.pt, when they
+        # were refitted), so validation stays unseen; the refit starts from their refits
         base = stage_dir(self.cfg.data_dir, STAGE)
         subs = {}
         for name in ("gmf", "mlp"):
-            m, meta = load_model(base / name, self.dev)
+            fname = "model.pt"
+            if not self.is_refit and (base / name / "selected.pt").exists():
+                fname = "selected.pt"
+            m, meta = load_model(base / name, self.dev, fname)
             if meta.get("task") != self.cfg.task:
                 raise PipelineError(f"{base / name / 'model.pt'} was trained for task "
                                     f"{meta.get('task')}, NeuMF is training {self.cfg.task}; "
@@ -509,7 +539,8 @@ class Trainer:
         if not path.exists():
             raise PipelineError(f"--resume: {path} not found; run without --resume to start")
         try:
-            ck = torch.load(path, map_location=self.dev, weights_only=True)
+            # on the CPU: RNG states must be CPU ByteTensors; load_state_dict moves the rest
+            ck = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001
             raise PipelineError(f"--resume: {path} is unreadable ({type(e).__name__}: {e}); "
                                 f"run without --resume to start over")
@@ -527,7 +558,7 @@ class Trainer:
         self.best = float(ck["best_metric"])
         self.best_epoch = int(ck["best_epoch"])
         self.best_valid = dict(ck["best_valid"])
-        self.best_state = ck["best_state"]
+        self.best_state = {k: v.to(self.dev) for k, v in ck["best_state"].items()}
         self.bad_epochs = int(ck["bad_epochs"])
         self.lr_factor = float(ck["scheduler"]["lr_factor"])
         self.history = list(ck["history"])
@@ -539,6 +570,8 @@ class Trainer:
 
     # -- one epoch -------------------------------------------------------------------
     def _lr_factor_for(self, epoch: int) -> float:
+        if self.forced_factors is not None:
+            return self.forced_factors[min(epoch, len(self.forced_factors)) - 1]
         if self.cfg.lr_schedule == "cosine":
             return 0.5 * (1 + math.cos(math.pi * (epoch - 1) / max(1, self.cfg.epochs)))
         return self.lr_factor
@@ -546,7 +579,8 @@ class Trainer:
     def train_epoch(self) -> tuple[float, int]:
         cfg, data, model = self.cfg, self.data, self.model
         model.train()
-        self.opt.set_factor(self._lr_factor_for(self.epoch + 1))
+        self.epoch_factor = self._lr_factor_for(self.epoch + 1)
+        self.opt.set_factor(self.epoch_factor)
         tr = data.train
         n = len(tr)
         implicit = cfg.task == "implicit"
@@ -643,16 +677,57 @@ class Trainer:
                 mark = ""
                 if cfg.lr_schedule == "plateau":
                     self.lr_factor *= cfg.lr_decay
-            lr_now = cfg.lr * self._lr_factor_for(self.epoch)
             row = {"epoch": self.epoch, "loss": round(loss, 6),
                    **{f"valid_{k}": round(x, 6) for k, x in valid.items()},
-                   "lr": lr_now, "seconds": round(secs, 3),
+                   "lr": cfg.lr * self.epoch_factor, "seconds": round(secs, 3),
                    "samples_per_s": round(samples / max(t_train, 1e-9), 1)}
             self.history.append(row)
             log.info("epoch %3d  loss %.4f  valid %s %.4f%s  %.1fs  %.0f samples/s",
                      self.epoch, loss, self.metric, v, mark, secs, row["samples_per_s"])
             self.save_checkpoint()
             write_history(self.out_dir / "history.csv", self.history)
+
+
+def with_valid_in_train(data: Data) -> Data:
+    """``data`` whose train part also holds the validation interactions (for the refit)."""
+    import scipy.sparse as sp
+    from .dataset import Part
+    t, v = data.train, data.valid
+    train = Part(users=torch.cat([t.users, v.users]), items=torch.cat([t.items, v.items]),
+                 ratings=torch.cat([t.ratings, v.ratings]))
+    vk = v.users * data.n_items + v.items
+    keys = torch.unique(torch.cat([data.train_keys, vk]))          # sorted
+    vcsr = sp.csr_matrix((np.ones(len(v), dtype=np.float32),
+                          (v.users.cpu().numpy(), v.items.cpu().numpy())),
+                         shape=(data.n_users, data.n_items))
+    csr = (data.train_csr + vcsr).tocsr()
+    csr.data[:] = 1.0
+    return dataclasses.replace(data, train=train, train_keys=keys, train_csr=csr)
+
+
+def refit(cfg: TrainConfig, data: Data, trainer: "Trainer", out_dir: Path) -> nn.Module:
+    """Retrain from scratch on train + valid for the selected number of epochs, replaying the
+    learning rates the selection run used in those epochs."""
+    factors = [float(h["lr"]) / cfg.lr for h in trainer.history[:trainer.best_epoch]]
+    t2 = Trainer(cfg, with_valid_in_train(data), out_dir, trainer.command, is_refit=True)
+    t2.forced_factors = factors
+    log.info("refit: retraining on train + valid (%d interactions) for the selected %d epochs",
+             len(t2.data.train), len(factors))
+    try:
+        for _ in factors:
+            t0 = time.perf_counter()
+            loss, samples = t2.train_epoch()
+            t2._check_loss(loss)
+            if t2.first_loss is None:
+                t2.first_loss = loss
+            t2.epoch += 1
+            secs = time.perf_counter() - t0
+            trainer.train_seconds += secs
+            log.info("refit epoch %3d/%d  loss %.4f  %.1fs  %.0f samples/s", t2.epoch,
+                     len(factors), loss, secs, samples / max(secs, 1e-9))
+    finally:
+        t2.l2.close()
+    return t2.model
 
 
 def _metric_line(d: dict[str, float]) -> str:
@@ -664,6 +739,9 @@ def run(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     cfg = cfg.resolved()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    # Adam moments and L2-shrunk embeddings decay into subnormal floats, which make CPU
+    # arithmetic 10-100x slower (epochs slowing down over time); flush them to zero.
+    torch.set_flush_denormal(True)
     dev = resolve_device(cfg.device)
     data = load_data(cfg.data_dir, cfg.task, dev)
     if cfg.task == "explicit" and data.candidates:
@@ -699,21 +777,29 @@ def run(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     if trainer.best_epoch == 0:
         raise PipelineError(f"no epoch produced a finite validation {trainer.metric}; check "
                             f"the validation split of {cfg.data_dir}/40_make_sparse_matrix")
-    # the best model, test evaluated once
+    # the selected model on validation; then (refit) the same recipe on train + valid;
+    # the test split is evaluated once, with the final model
     trainer.model.load_state_dict(trainer.best_state)
     valid = evaluate(trainer.model, data, "valid", cfg, full=True)
-    test = evaluate(trainer.model, data, "test", cfg, full=True)
+    final = refit(cfg, data, trainer, out_dir) if cfg.refit else trainer.model
+    test = evaluate(final, data, "test", cfg, full=True)
     meta = {"model": cfg.model, "model_args": trainer.args,
-            "state_dict": trainer.model.state_dict(), "task": cfg.task,
+            "state_dict": final.state_dict(), "task": cfg.task, "refit": bool(cfg.refit),
             "rating_scale": [float(data.rating_scale[0]), float(data.rating_scale[1])],
             "n_users": data.n_users, "n_items": data.n_items,
             "best_epoch": trainer.best_epoch, "valid_metric": valid,
             "config": config_dict(cfg)}
+    if cfg.refit:
+        _atomic_save({**meta, "state_dict": trainer.best_state, "refit": False},
+                     out_dir / "selected.pt")
+    else:
+        (out_dir / "selected.pt").unlink(missing_ok=True)
     _atomic_save(meta, out_dir / "model.pt")
     write_history(out_dir / "history.csv", trainer.history)
     plot_curve(out_dir / "curve.png", trainer.history, trainer.metric,
                f"{cfg.model} ({cfg.task}), best epoch {trainer.best_epoch}")
     metrics = {"test": test, "valid": valid, "best_epoch": trainer.best_epoch,
+               "refit_on_train_valid": bool(cfg.refit),
                "epochs_run": trainer.epoch, "selection_metric": trainer.metric,
                "train_seconds": round(trainer.train_seconds, 3), "config": config_dict(cfg)}
     write_json(out_dir / "metrics.json", metrics)
@@ -722,7 +808,8 @@ def run(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "n_users": data.n_users, "n_items": data.n_items, "dataset": up40.get("dataset"),
         "best_epoch": trainer.best_epoch, "valid": valid, "test": test,
-        "files": ["model.pt", "checkpoint.pt", "history.csv", "metrics.json", "curve.png"],
+        "files": ["model.pt", "checkpoint.pt", "history.csv", "metrics.json", "curve.png"]
+        + (["selected.pt"] if cfg.refit else []),
         "config": config_dict(cfg), "command": command,
         "upstream": upstream_entry(cfg.data_dir, "40_make_sparse_matrix")})
     log.info("best epoch %d of %d (validation %s)", trainer.best_epoch, trainer.epoch,

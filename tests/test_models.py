@@ -55,7 +55,8 @@ def test_explicit_prediction_includes_global_mean_and_scale():
     assert torch.allclose(m(torch.tensor([0, 1]), torch.tensor([2, 3])), torch.tensor([3.25, 3.25]))
     with torch.no_grad():
         m.user_bias.weight[0] = 0.5
-    assert float(m(torch.tensor([0]), torch.tensor([0])).detach()) == pytest.approx(3.25 + 2.0 * 0.5)
+    got = float(m(torch.tensor([0]), torch.tensor([0])).detach())
+    assert got == pytest.approx(3.25 + 2.0 * 0.5)
 
 
 def test_neumf_pretraining_combines_gmf_and_mlp():
