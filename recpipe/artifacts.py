@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .cli import PipelineError
+from .cli import PipelineError, command_line, config_dict
 
 STAGES = ["10_preprocessing", "20_make_ids", "30_split_train_test", "40_make_sparse_matrix",
           "60_train", "70_recommend"]
@@ -80,6 +80,16 @@ def read_manifest(data_dir: str | Path, stage: str, needed_by: str | None = None
 def upstream_entry(data_dir: str | Path, stage: str) -> dict[str, str]:
     """``{"<stage>": fingerprint}`` for the manifest of ``stage``: store as "upstream"."""
     return {stage: fingerprint(stage_dir(data_dir, stage) / MANIFEST)}
+
+
+def stage_manifest(prog: str, argv, cfg: Any, data_dir: str | Path, upstream_stage: str,
+                   up: dict[str, Any]) -> dict[str, Any]:
+    """The fields every downstream stage's manifest starts with: the command and resolved
+    config that made it, the fingerprint of its upstream, and what it passes through."""
+    return {"command": command_line(prog, argv), "config": config_dict(cfg),
+            "upstream": upstream_entry(data_dir, upstream_stage),
+            "dataset": up.get("dataset"), "rating_scale": up.get("rating_scale"),
+            "has_timestamp": up.get("has_timestamp")}
 
 
 def _json_default(o: Any) -> Any:

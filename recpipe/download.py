@@ -74,6 +74,26 @@ def _published_md5(text: str, url: str) -> str:
     return m.group(1).lower()
 
 
+def extract_zip(path: Path, into: Path, name: str | Path, fix: str) -> None:
+    """Extract a zip after checking every member's CRC and refusing unsafe member names.
+
+    ``name`` is what error messages call the archive (its path or URL), ``fix`` what to do.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+            if bad is not None:
+                raise PipelineError(f"{name}: corrupt zip member {bad!r} (CRC mismatch); {fix}")
+            for m in zf.namelist():
+                if m.startswith("/") or ".." in Path(m).parts:
+                    raise PipelineError(f"{name}: unsafe member name {m!r} in the zip; refusing "
+                                        f"to extract it")
+            zf.extractall(into)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
+        raise PipelineError(f"{name}: not a valid zip archive ({e}); expected a complete .zip "
+                            f"of ratings files: {fix}") from None
+
+
 def download(name: str, raw_dir: Path, base_url: str, timeout: float = 60.0) -> Path:
     """DATA_DIR/raw/NAME/ with the extracted archive (downloaded and verified if missing)."""
     if not re.fullmatch(r"ml-[a-z0-9-]+", name):
@@ -105,22 +125,9 @@ def download(name: str, raw_dir: Path, base_url: str, timeout: float = 60.0) -> 
             raise PipelineError(f"{zip_url}: MD5 mismatch: downloaded {size} bytes with MD5 {got}, "
                                 f"expected {want} (from {md5_url}); the download is corrupt or "
                                 f"incomplete: run the command again")
-        try:
-            with zipfile.ZipFile(part) as zf:
-                bad = zf.testzip()
-                if bad is not None:
-                    raise PipelineError(f"{zip_url}: corrupt member {bad!r} (CRC mismatch); run "
-                                        f"the command again")
-                for m in zf.namelist():
-                    if m.startswith("/") or ".." in Path(m).parts:
-                        raise PipelineError(f"{zip_url}: unsafe member name {m!r}; refusing to "
-                                            f"extract it")
-                if tmp.exists():
-                    shutil.rmtree(tmp)
-                zf.extractall(tmp)
-        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-            raise PipelineError(f"{zip_url}: not a valid zip archive ({e}); run the command "
-                                f"again") from None
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        extract_zip(part, tmp, zip_url, "run the command again")
         entries = [p for p in tmp.iterdir() if not p.name.startswith("__MACOSX")]
         inner = _ZIP_FOLDER.get(name, name)
         root = next((p for p in entries if p.is_dir() and p.name.lower() == inner.lower()), None)

@@ -37,8 +37,8 @@ import numpy as np
 import pandas as pd
 
 from .artifacts import (StageOutput, dtypes_of, read_columns, read_manifest, read_parquet,
-                        stage_dir, upstream_entry, write_parquet)
-from .cli import PipelineError, command_line, config_dict, opt, parse_config, print_config
+                        stage_dir, stage_manifest, write_parquet)
+from .cli import PipelineError, opt, parse_config, print_config
 
 log = logging.getLogger("recpipe")
 
@@ -329,11 +329,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         write_parquet(res.users, out.path("users.parquet"))
         write_parquet(res.items, out.path("items.parquet"))
         manifest = {
-            "command": command_line(PROG, argv),
-            "config": config_dict(cfg),
-            "upstream": upstream_entry(cfg.data_dir, UPSTREAM),
-            "dataset": up.get("dataset"),
-            "rating_scale": up.get("rating_scale"),
+            **stage_manifest(PROG, argv, cfg, cfg.data_dir, UPSTREAM, up),
             "has_timestamp": "timestamp" in res.ratings.columns,
             "n_users": len(res.users),
             "n_items": len(res.items),

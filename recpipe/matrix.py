@@ -25,9 +25,8 @@ from typing import Any, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from .artifacts import StageOutput, read_manifest, stage_dir, upstream_entry
-from .artifacts import read_columns
-from .cli import PipelineError, command_line, config_dict, opt, parse_config, print_config
+from .artifacts import StageOutput, read_columns, read_manifest, stage_dir, stage_manifest
+from .cli import PipelineError, opt, parse_config, print_config
 
 log = logging.getLogger("recpipe")
 
@@ -123,12 +122,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             del df, explicit, implicit
         task = "implicit" if up.get("task") == "implicit" or n_candidates else "explicit"
         manifest = {
-            "command": command_line(PROG, argv),
-            "config": config_dict(cfg),
-            "upstream": upstream_entry(cfg.data_dir, UPSTREAM),
-            "dataset": up.get("dataset"),
-            "rating_scale": up.get("rating_scale"),
-            "has_timestamp": up.get("has_timestamp"),
+            **stage_manifest(PROG, argv, cfg, cfg.data_dir, UPSTREAM, up),
             "strategy": up.get("strategy"),
             "n_users": n_users,
             "n_items": n_items,

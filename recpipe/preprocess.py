@@ -11,8 +11,6 @@ import os
 import re
 import tempfile
 import time
-import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -23,6 +21,7 @@ import pyarrow.parquet as pq
 
 from . import readers
 from .artifacts import StageOutput, write_parquet
+from .download import download, extract_zip
 from .cli import PipelineError, command_line, config_dict, log, opt, parse_config, print_config, \
     progress_disabled
 
@@ -292,20 +291,7 @@ def _inputs(src: Source) -> list[str]:
 
 def _extract_zip(path: Path, into: Path) -> Path:
     """Extract a .zip input into a temporary folder; the folder to read from."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            bad = zf.testzip()
-            if bad is not None:
-                raise PipelineError(f"{path}: corrupt zip member {bad!r} (CRC mismatch); download "
-                                    f"the archive again")
-            for m in zf.namelist():
-                if m.startswith("/") or ".." in Path(m).parts:
-                    raise PipelineError(f"{path}: unsafe member name {m!r} in the zip; refusing to "
-                                        f"extract it")
-            zf.extractall(into)
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-        raise PipelineError(f"{path}: not a valid zip archive ({e}); expected a complete .zip of "
-                            f"ratings files: download it again") from None
+    extract_zip(path, into, path, "download the archive again")
     entries = [p for p in into.iterdir() if not p.name.startswith("__MACOSX")]
     if len(entries) == 1:
         return entries[0]
@@ -382,7 +368,6 @@ def _read_input(cfg: Config, sink) -> readers.RawRatings:
     fmt = cfg.format
     inp = cfg.input
     if cfg.download:
-        from .download import download
         inp = str(download(cfg.download, data_dir / "raw", cfg.base_url))
     if inp == "demo" or fmt == "demo":
         from .demo import DemoSpec, ensure_demo

@@ -38,7 +38,7 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
                          "init_std": 0.01, "epochs": 30},
     ("deepmf", "implicit"): {"dim": 64, "hidden": 32, "lr": 1e-3, "batch_size": 1024,
                              "reg": 1e-4, "init_std": 0.01, "epochs": 30},
-    ("gmf", "implicit"): {"dim": 16, "lr": 1e-3, "batch_size": 1024, "reg": 0.0,
+    ("gmf", "implicit"): {"dim": 16, "lr": 5e-3, "batch_size": 1024, "reg": 0.0,
                           "init_std": 0.01, "epochs": 30},
     ("mlp", "implicit"): {"layers": [64, 32, 16, 8], "lr": 1e-3, "batch_size": 1024,
                           "reg": 0.0, "init_std": 0.01, "epochs": 30},

@@ -18,7 +18,6 @@ Everything that ranks is deterministic: equal scores are broken by the lower ite
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import os
 import time

@@ -1,7 +1,6 @@
 """Stage 70: top-k, fold-in, similar items, batch; on hand-made artifacts and on ML-100K."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np

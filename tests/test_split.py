@@ -111,6 +111,27 @@ def test_temporal_user_latest(stage20):
     assert set(res.train["user_idx"]) == set(stage20[0]["user_idx"])
 
 
+def test_equal_timestamps_are_broken_at_random_not_by_item_id():
+    """Among ratings given in the same second, the held-out one is a seeded random pick:
+    larger ids (less popular items in MovieLens) must not be favoured."""
+    n_users, per_user = 400, 6
+    u = np.repeat(np.arange(n_users), per_user)
+    i = np.tile(np.arange(per_user), n_users) + (u % 7)
+    src = make_ratings(u, i, np.full(len(u), 4.0, np.float32), np.zeros(len(u), np.int64))
+    ids = make_ids(src)
+    ratings, n_u, n_i = ids.ratings, len(ids.users), len(ids.items)
+    picks = []
+    for seed in (0, 1):
+        res = split(ratings, n_u, n_i, Config(strategy="loo", seed=seed, negatives=5))
+        rank = res.test["item_idx"].to_numpy() - (res.test["user_idx"].to_numpy() % 7)
+        picks.append(rank)
+        # each of the 6 tied positions is picked about equally often (400 users)
+        assert np.bincount(rank, minlength=per_user).min() > 30
+        again = split(ratings, n_u, n_i, Config(strategy="loo", seed=seed, negatives=5))
+        assert again.test.equals(res.test)                    # seeded: reproducible
+    assert (picks[0] != picks[1]).mean() > 0.5                # and the seed matters
+
+
 def test_user_random_keeps_every_user_in_train(stage20):
     res = _run(stage20, strategy="user-random", unseen="keep")
     assert set(res.train["user_idx"]) == set(stage20[0]["user_idx"])
@@ -131,12 +152,15 @@ def test_loo_protocol(stage20):
     assert sorted(res.valid["user_idx"]) == sorted(held)
     assert set(res.train["user_idx"]) == set(range(n_users))
     assert res.details["n_users_train_only"] == int((counts < 3).sum()) >= 2
-    # test is the latest interaction (ties: larger item_idx), valid the second latest
-    ordered = ratings.sort_values(["user_idx", "timestamp", "item_idx"])
-    last = ordered.groupby("user_idx").tail(1).set_index("user_idx")["item_idx"]
-    second = ordered.groupby("user_idx").nth(-2).set_index("user_idx")["item_idx"]
-    assert (res.test.set_index("user_idx")["item_idx"] == last[res.test["user_idx"]]).all()
-    assert (res.valid.set_index("user_idx")["item_idx"] == second[res.valid["user_idx"]]).all()
+    # test is the latest interaction, valid the latest of the rest (equal timestamps: a
+    # seeded random order, not item_idx)
+    te = res.test.set_index("user_idx")
+    va = res.valid.set_index("user_idx")
+    latest = ratings.groupby("user_idx")["timestamp"].max()
+    assert (te["timestamp"] == latest[te.index]).all()
+    rest = ratings.merge(res.test[["user_idx", "item_idx"]], how="left", indicator=True)
+    rest_latest = rest[rest["_merge"] == "left_only"].groupby("user_idx")["timestamp"].max()
+    assert (va["timestamp"] == rest_latest[va.index]).all()
     # negatives: shape, dtype, no repeats per row, never an item the user interacted with
     rated = set(_keys(ratings, n_items).tolist())
     for part, negs in ((res.test, res.test_negatives), (res.valid, res.valid_negatives)):
