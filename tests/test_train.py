@@ -201,3 +201,58 @@ def test_diverging_loss_stops_with_advice(tmp_path):
 def test_missing_stage40_names_the_command(tmp_path):
     with pytest.raises(PipelineError, match="40_make_sparse_matrix.py"):
         run(_cfg(tmp_path, "--model", "mf"))
+
+
+def _synthetic_data(task: str, n_users: int = 60, n_items: int = 40, n: int = 900,
+                    seed: int = 0):
+    from recpipe.dataset import Data, Part
+    rng = np.random.default_rng(seed)
+    key = np.unique(rng.integers(0, n_users * n_items, n))
+    u, i = key // n_items, key % n_items
+    r = rng.integers(1, 6, len(key)).astype(np.float32)
+    part = Part(torch.from_numpy(u), torch.from_numpy(i), torch.from_numpy(r))
+    csr = sp.csr_matrix((np.ones(len(key), np.float32), (u, i)), shape=(n_users, n_items))
+    explicit = task == "explicit"
+    return Data(manifest={}, n_users=n_users, n_items=n_items, rating_scale=(1.0, 5.0),
+                global_mean=float(r.mean()) if explicit else 0.0,
+                rating_std=float(r.std()) if explicit else 1.0, task=task, train=part,
+                valid=part, test=part, train_csr=csr, train_keys=torch.from_numpy(key),
+                candidates={}, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("optimizer,reg", [("adam", 0.1), ("adam", 0.0), ("sgd", 0.05)])
+def test_mf_fast_path_trains_like_autograd(tmp_path, optimizer, reg):
+    """The explicit-MF fast path (analytic gradients) gives the same updates as autograd."""
+    data = _synthetic_data("explicit")
+    cfg = TrainConfig(model="mf", task="explicit", dim=8, batch_size=128, reg=reg,
+                      optimizer=optimizer, lr=1e-2).resolved()
+    states, losses = [], []
+    for manual in (True, False):
+        t = Trainer(cfg, data, tmp_path, "test")
+        t.manual_grads = manual
+        losses.append([t.train_epoch()[0] for _ in range(3)])
+        states.append(t.model.state_dict())
+        t.l2.close()
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for k in states[0]:
+        torch.testing.assert_close(states[0][k], states[1][k], rtol=1e-4, atol=1e-6)
+    assert not torch.equal(states[0]["user_factors.weight"],
+                           Trainer(cfg, data, tmp_path, "t").model.user_factors.weight)
+
+
+def test_keyset_bitmap_matches_binary_search():
+    from recpipe.dataset import KeySet, is_member, sample_negatives
+    data = _synthetic_data("implicit", n_users=70, n_items=53)
+    keys = data.train_keys
+    q = torch.randint(0, 70 * 53, (500, 3))
+    q[:100, 0] = keys[:100]                       # certainly members
+    bitmap, search = KeySet(keys, 70 * 53), KeySet(keys, 70 * 53, max_bytes=0)
+    assert bitmap.bits is not None and search.bits is None
+    want = is_member(keys, q)
+    assert want[:100, 0].all() and not want.all()
+    assert torch.equal(bitmap.contains(q), want) and torch.equal(search.contains(q), want)
+    u = data.train.users[:200]
+    negs = [sample_negatives(u, 53, 4, k, torch.Generator().manual_seed(3))
+            for k in (keys, bitmap)]
+    assert torch.equal(negs[0], negs[1])
+    assert not is_member(keys, u[:, None] * 53 + negs[0]).any()
