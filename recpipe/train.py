@@ -489,6 +489,7 @@ class Trainer:
         self.l2 = RowL2(self.model)
         self.metric, self.higher = selection_metric(cfg, data)
         self.epoch = 0
+        self.saved_epoch = 0          # the epoch checkpoint.pt holds
         self.best = -math.inf if self.higher else math.inf
         self.best_epoch = 0
         self.best_valid: dict[str, float] = {}
@@ -541,6 +542,7 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         _atomic_save(self.checkpoint(), self.out_dir / "checkpoint.pt")
+        self.saved_epoch = self.epoch
 
     def restore(self, path: Path) -> None:
         if not path.exists():
@@ -561,7 +563,7 @@ class Trainer:
                                 f"resume with the same options or run without --resume")
         self.model.load_state_dict(ck["state_dict"])
         self.opt.load_state_dict(ck["optimizer"])
-        self.epoch = int(ck["epoch"])
+        self.epoch = self.saved_epoch = int(ck["epoch"])
         self.best = float(ck["best_metric"])
         self.best_epoch = int(ck["best_epoch"])
         self.best_valid = dict(ck["best_valid"])
@@ -783,15 +785,18 @@ def run(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     try:
         trainer.fit()
     except KeyboardInterrupt:
-        # checkpoint.pt holds the last completed epoch (written at every epoch end), which
-        # is what --resume continues from exactly; history and curve are brought up to date.
-        if trainer.epoch > 0:
-            trainer.save_checkpoint()
-            write_history(out_dir / "history.csv", trainer.history)
-            plot_curve(out_dir / "curve.png", trainer.history, trainer.metric,
+        # checkpoint.pt already holds the last completed epoch (written at every epoch end),
+        # which is what --resume continues from exactly. It is not rewritten here: the model,
+        # optimizer and RNG are mid-epoch now, and saving them would make the resumed run
+        # differ from an uninterrupted one. History and curve are brought up to that epoch.
+        done = trainer.saved_epoch
+        if done > 0:
+            history = [h for h in trainer.history if h["epoch"] <= done]
+            write_history(out_dir / "history.csv", history)
+            plot_curve(out_dir / "curve.png", history, trainer.metric,
                        f"{cfg.model} ({cfg.task})")
-            log.info("interrupted: checkpoint of epoch %d saved to %s; continue with `%s "
-                     "--resume`", trainer.epoch, out_dir / "checkpoint.pt",
+            log.info("interrupted: checkpoint of epoch %d is in %s; continue with `%s "
+                     "--resume`", done, out_dir / "checkpoint.pt",
                      command or f"python {PROG} --model {cfg.model}")
         raise
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -131,27 +132,48 @@ def test_resume_equals_uninterrupted_run(ml100k_loo, model, task):
 
 
 @pytest.mark.shared
-def test_ctrl_c_saves_checkpoint_and_resume_finishes(ml100k_random, monkeypatch):
+def test_ctrl_c_mid_epoch_then_resume_equals_uninterrupted_run(ml100k_random, monkeypatch):
+    """Ctrl-C in the middle of epoch 2: the checkpoint stays the one of epoch 1 (not the
+    half-trained state), the run is not marked finished, and --resume ends exactly where an
+    uninterrupted run ends."""
+    from recpipe.train import Optimizers
     args = ["--model", "mf", "--epochs", "3", "--patience", "10", *SMALL["mf"]]
     out = ml100k_random / "60_train" / "mf"
-    calls = {"n": 0}
-    real = Trainer.train_epoch
+    full = run(_cfg(ml100k_random, *args))
+    # selected.pt: the model of the selection run itself (model.pt is the refit from scratch)
+    want = torch.load(out / "selected.pt", weights_only=True)["state_dict"]
+    real_step = Optimizers.step
+    calls = {"n": 0, "per_epoch": 0}
+
+    def count(self):
+        calls["n"] += 1
+        return real_step(self)
+
+    monkeypatch.setattr(Optimizers, "step", count)
+    run(_cfg(ml100k_random, *args[:2], "--epochs", "1", "--no-refit", *args[4:]))
+    calls["per_epoch"], calls["n"] = calls["n"], 0
 
     def interrupted(self):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == calls["per_epoch"] + 3:          # three steps into epoch 2
             raise KeyboardInterrupt
-        return real(self)
+        return real_step(self)
 
-    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
+    monkeypatch.setattr(Optimizers, "step", interrupted)
+    shutil.rmtree(out)
     with pytest.raises(KeyboardInterrupt):
         run(_cfg(ml100k_random, *args))
     assert not (out / "manifest.json").exists()          # an interrupted run is not finished
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["epoch"] == 1 and len(ck["history"]) == 1
-    monkeypatch.setattr(Trainer, "train_epoch", real)
-    m = run(_cfg(ml100k_random, *args, "--resume"))
-    assert m["epochs_run"] == 3 and (out / "manifest.json").exists()
+    monkeypatch.setattr(Optimizers, "step", real_step)
+    resumed = run(_cfg(ml100k_random, *args, "--resume"))
+    assert resumed["valid"] == full["valid"] and resumed["best_epoch"] == full["best_epoch"]
+    assert resumed["test"] == full["test"]
+    got = torch.load(out / "selected.pt", weights_only=True)["state_dict"]
+    for k, v in want.items():
+        assert torch.equal(v, got[k]), k
+    assert (out / "manifest.json").exists()
 
 
 @pytest.mark.shared
