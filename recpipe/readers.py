@@ -117,6 +117,14 @@ def decode_text(data: bytes) -> str:
         return data.decode("iso-8859-1")
 
 
+def text_lines(data: bytes):
+    """(1-based line number, line) for every non-blank line of a small text file (titles)."""
+    for k, line in enumerate(decode_text(data).split("\n"), 1):
+        line = line.rstrip("\r")
+        if line.strip():
+            yield k, line
+
+
 def _line_text(line: bytes) -> str:
     s = decode_text(line.rstrip(b"\r"))
     return s if len(s) <= 120 else s[:117] + "..."
@@ -283,10 +291,7 @@ def read_netflix_titles(path: Path) -> pd.DataFrame:
     data = load_bytes(path, "movie_titles.txt (MovieID,YearOfRelease,Title)")
     check_text(data, path, "MovieID,YearOfRelease,Title lines")
     ids, years, titles = [], [], []
-    for k, line in enumerate(decode_text(data).split("\n"), 1):
-        line = line.rstrip("\r")
-        if not line.strip():
-            continue
+    for k, line in text_lines(data):
         parts = line.split(",", 2)
         if len(parts) < 3 or not parts[0].strip().isdigit():
             raise PipelineError(f"{path}:{k}: {line[:120]!r}: expected MovieID,YearOfRelease,Title "
@@ -494,10 +499,7 @@ def read_ml100k(u_data: Path, u_item: Path | None) -> tuple[pa.Table, pd.DataFra
         raw = load_bytes(u_item)
         check_text(raw, u_item, "movie id|title|release date|... lines")
         ids, titles, years = [], [], []
-        for k, line in enumerate(decode_text(raw).split("\n"), 1):
-            line = line.rstrip("\r")
-            if not line.strip():
-                continue
+        for k, line in text_lines(raw):
             f = line.split("|")
             if len(f) < 3 or not f[0].isdigit():
                 raise PipelineError(f"{u_item}:{k}: {line[:120]!r}: expected `movie id|title|release "
@@ -531,10 +533,7 @@ def read_ml_dat(ratings: Path, movies: Path | None, scale: tuple[float, float]) 
         raw = load_bytes(movies)
         check_text(raw, movies, "MovieID::Title::Genres lines")
         ids, titles = [], []
-        for k, line in enumerate(decode_text(raw).split("\n"), 1):
-            line = line.rstrip("\r")
-            if not line.strip():
-                continue
+        for k, line in text_lines(raw):
             f = line.split("::")
             if len(f) < 2 or not f[0].isdigit():
                 raise PipelineError(f"{movies}:{k}: {line[:120]!r}: expected MovieID::Title::Genres")

@@ -36,7 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 import models as models_mod
-from .artifacts import read_manifest, stage_dir, upstream_entry, write_json
+from .artifacts import stage_dir, upstream_entry, write_json
 from .cli import (PipelineError, command_line, config_dict, opt, parse_config, print_config,
                   progress_disabled, set_seed)
 from .dataset import Data, KeySet, exclusion_rows, load_data, sample_negatives
@@ -775,7 +775,7 @@ def run(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     if cfg.task == "implicit" and not data.candidates:
         log.info("implicit task without sampled candidates (random split): evaluating full "
                  "ranking only (full_hr@10, full_ndcg@10, full_recall@20)")
-    up40 = read_manifest(cfg.data_dir, "40_make_sparse_matrix")
+    up40 = data.manifest                       # load_data has read and checked it
     out_dir = stage_dir(cfg.data_dir, STAGE) / cfg.model
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").unlink(missing_ok=True)   # not finished until written again
