@@ -11,6 +11,8 @@ tensors stage 60 trains on, then times:
     python bench/bench_train.py                      # the issue's sizes
     python bench/bench_train.py --ratings 1000000    # quicker
     python bench/bench_train.py --optimizer sparse_adam --batch-size 65536
+    python bench/bench_train.py --skip neumf eval --rounds 2 \
+        --mf-runs adam:65536 sparse_adam:65536 adam:2048 sparse_adam:2048
 """
 from __future__ import annotations
 
@@ -96,6 +98,11 @@ def main() -> None:
     ap.add_argument("--neumf-positives", type=int, default=2_000_000,
                     help="time NeuMF over this many positives (x5 samples with 4 negatives); "
                          "0 = the whole epoch")
+    ap.add_argument("--mf-runs", nargs="*", default=[], metavar="OPTIMIZER:BATCH",
+                    help="MF settings timed one after the other in this process, e.g. "
+                         "adam:65536 sparse_adam:65536 adam:2048 sparse_adam:2048 "
+                         "(default: --optimizer:--batch-size)")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the MF settings this often")
     ap.add_argument("--skip", nargs="*", default=[], choices=["mf", "neumf", "eval"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -110,12 +117,16 @@ def main() -> None:
         t0 = time.perf_counter()
         data = synthetic(args.ratings, args.users, args.items, 0, dev, "explicit")
         print(f"data built in {time.perf_counter() - t0:.1f}s: {len(data.train):,} train ratings")
-        cfg = TrainConfig(model="mf", task="explicit", dim=64, optimizer=args.optimizer,
-                          batch_size=args.batch_size, lr=1e-2, device=args.device)
-        secs, n, loss = time_epoch(data, cfg, out)
-        print(f"[mf explicit k=64, {args.optimizer}, batch {args.batch_size}] one epoch "
-              f"{n:,} ratings in {secs:.2f}s = {n / secs / 1e6:.2f}M ratings/s "
-              f"(target >= 3M/s), loss {loss:.4f}")
+        runs = args.mf_runs or [f"{args.optimizer}:{args.batch_size}"]
+        for rnd in range(args.rounds):            # rounds interleave the settings (noise)
+            for spec in runs:
+                opt_name, bs = spec.split(":")
+                cfg = TrainConfig(model="mf", task="explicit", dim=64, optimizer=opt_name,
+                                  batch_size=int(bs), lr=1e-2, device=args.device)
+                secs, n, loss = time_epoch(data, cfg, out)
+                print(f"[mf explicit k=64, {opt_name}, batch {int(bs)}] one epoch {n:,} "
+                      f"ratings in {secs:.2f}s = {n / secs / 1e6:.2f}M ratings/s "
+                      f"(target >= 3M/s), loss {loss:.4f}")
         del data
 
     if "neumf" not in args.skip:

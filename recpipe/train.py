@@ -11,8 +11,9 @@ redrawn every epoch. L2 is applied to the embedding rows the batch uses (per sam
 weight decay over the whole table. Model selection and early stopping use the validation
 split; the test split is evaluated once, with the best model.
 
-Speed: explicit biased MF on dense tables skips autograd (``BiasedMF.mse_backward`` writes
-the analytic gradient of the same objective, then the same optimiser steps; a test checks it
+Speed: explicit biased MF skips autograd (``BiasedMF.mse_backward`` writes the analytic
+gradient of the same objective, then the same optimiser steps; for sparse_adam,
+``mse_backward_rows`` hands row-compact gradients to ``optim.RowSparseAdam``; tests check both
 against autograd); batches are gathered with ``index_select``; negatives are checked against
 the train interactions with a bitmap (``dataset.KeySet``) when it fits.
 """
@@ -40,6 +41,7 @@ from .artifacts import stage_dir, upstream_entry, write_json
 from .cli import (PipelineError, command_line, config_dict, opt, parse_config, print_config,
                   progress_disabled, set_seed)
 from .dataset import Data, KeySet, exclusion_rows, load_data, sample_negatives
+from .optim import RowSparseAdam
 from .metrics import finish_full, full_rank_metrics, rmse_mae, sampled_rank_metrics
 from .presets import DEFAULT_TASK, preset
 
@@ -192,7 +194,7 @@ class Optimizers:
             self.opts.append(torch.optim.SGD(list(model.parameters()), lr=cfg.lr,
                                              momentum=cfg.momentum))
         elif cfg.optimizer == "sparse_adam":
-            self.opts.append(torch.optim.SparseAdam(emb_params, lr=cfg.lr))
+            self.opts.append(RowSparseAdam(emb_params, lr=cfg.lr))
             if dense:
                 self.opts.append(torch.optim.Adam(dense, lr=cfg.lr))
         elif cfg.optimizer == "adagrad":
@@ -208,6 +210,11 @@ class Optimizers:
     def step(self) -> None:
         for o in self.opts:
             o.step()
+
+    def step_rows(self, updates: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+                  ) -> None:
+        """A sparse_adam step from row-compact embedding gradients (RowSparseAdam)."""
+        self.opts[0].step_rows(updates)
 
     def set_factor(self, factor: float) -> None:
         for o, lrs in zip(self.opts, self.base_lrs):
@@ -605,10 +612,12 @@ class Trainer:
         bar = tqdm(steps, desc=f"epoch {self.epoch + 1}", unit="batch", leave=False,
                    disable=progress_disabled())
         bce = nn.functional.binary_cross_entropy_with_logits
-        # explicit biased MF on dense tables: analytic gradients (same objective, same
-        # optimiser step) instead of autograd; see BiasedMF.mse_backward
-        manual = (self.manual_grads and not implicit
-                  and isinstance(model, models_mod.BiasedMF) and not model.user_factors.sparse)
+        # explicit biased MF: analytic gradients (same objective, same optimiser step) instead
+        # of autograd, see BiasedMF.mse_backward: dense .grad for adam/sgd; for sparse_adam
+        # row-compact gradients straight into RowSparseAdam (no pass over the whole tables)
+        manual = (self.manual_grads and not implicit and isinstance(model, models_mod.BiasedMF)
+                  and cfg.optimizer in ("adam", "sgd", "sparse_adam"))
+        rows_path = manual and cfg.optimizer == "sparse_adam"
         scratch: dict = {}
         if implicit and (self._keyset is None or self._keyset.keys is not data.train_keys):
             self._keyset = KeySet(data.train_keys, data.n_users * data.n_items)
@@ -617,10 +626,15 @@ class Trainer:
             idx = perm[s:s + pos_per_batch]
             u = tr.users.index_select(0, idx)      # index_select: ~8x faster than users[idx]
             i = tr.items.index_select(0, idx)
-            if manual:
+            if rows_path:
+                loss, updates = model.mse_backward_rows(u, i, tr.ratings.index_select(0, idx),
+                                                        cfg.reg, scratch)
+                self.opt.step_rows(updates)
+            elif manual:
                 loss = model.mse_backward(u, i, tr.ratings.index_select(0, idx), cfg.reg,
                                           scratch)
                 self.opt.step()
+            if manual:
                 loss_sum += loss * u.shape[0]
                 samples += int(u.shape[0])
                 continue

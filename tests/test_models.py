@@ -104,3 +104,23 @@ def test_biased_mf_manual_gradients_match_autograd(reg):
         for n, p in m.named_parameters():
             torch.testing.assert_close(p.grad, want[n], rtol=1e-5, atol=1e-7)
     assert not (set(dict(m.named_parameters())) - set(want))
+
+
+@pytest.mark.parametrize("n_items", [9, 200])    # marks and cumsum; 200 > 64 * 3: a sort
+def test_biased_mf_row_gradients_match_dense(n_items):
+    """mse_backward_rows returns the dense gradient's nonzero rows, distinct and ascending."""
+    torch.manual_seed(1)
+    m = models.BiasedMF(N_USERS, n_items, dim=4, init_std=0.3, global_mean=3.0, scale=0.9)
+    u = torch.tensor([0, 5, 0])                    # a repeated row
+    i = torch.tensor([n_items - 1, 2, 2])
+    r = torch.tensor([5.0, 1.0, 3.0])
+    want_loss = m.mse_backward(u, i, r, 0.2)
+    loss, updates = m.mse_backward_rows(u, i, r, 0.2)
+    assert float(loss) == pytest.approx(float(want_loss), rel=1e-6)
+    assert [w for w, _, _ in updates] == [m.user_factors.weight, m.user_bias.weight,
+                                          m.item_factors.weight, m.item_bias.weight]
+    for w, rows, grad in updates:
+        ids = u if w.shape[0] == N_USERS else i
+        assert torch.equal(rows, torch.unique(ids))
+        dense = torch.zeros_like(w).index_copy_(0, rows, grad)
+        torch.testing.assert_close(dense, w.grad, rtol=1e-5, atol=1e-7)
