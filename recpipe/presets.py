@@ -25,7 +25,7 @@ _COMMON: dict[str, Any] = {
 
 PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("mf", "explicit"): {"dim": 128, "lr": 1e-2, "batch_size": 2048, "reg": 0.1,
-                         "init_std": 0.1, "epochs": 60},
+                         "init_std": 0.1, "epochs": 60, "optimizer": "auto"},
     ("deepmf", "explicit"): {"dim": 128, "hidden": 64, "lr": 5e-3, "batch_size": 2048,
                              "reg": 0.1, "init_std": 0.1, "epochs": 60},
     ("gmf", "explicit"): {"dim": 32, "lr": 2e-3, "batch_size": 1024, "reg": 0.05,

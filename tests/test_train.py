@@ -307,3 +307,22 @@ def test_explicit_training_is_invariant_to_the_rating_scale(tmp_path, model):
         preds.append(t.model(tr.users, tr.items).detach())
     assert not torch.allclose(preds[0], torch.full_like(preds[0], data.global_mean), atol=1e-2)
     torch.testing.assert_close(preds[1], preds[0] * 20 + 7, rtol=1e-4, atol=1e-3)
+
+
+def test_optimizer_auto_picks_sparse_adam_for_tables_much_larger_than_a_batch(tmp_path):
+    from recpipe.optim import RowSparseAdam
+    from recpipe.train import AUTO_ROWS_PER_SAMPLE, for_data
+    data = _synthetic_data("explicit")                 # 60 users + 40 items = 100 rows
+    assert TrainConfig(model="mf").resolved().optimizer == "auto"      # the mf preset
+    small = 100 // AUTO_ROWS_PER_SAMPLE                 # a batch small enough for lazy Adam
+    picks = {(m, bs): for_data(TrainConfig(model=m, optimizer="auto", batch_size=bs).resolved(),
+                               data).optimizer
+             for m in ("mf", "gmf") for bs in (small, 2048)}
+    assert picks == {("mf", small): "sparse_adam", ("mf", 2048): "adam",
+                     ("gmf", small): "adam", ("gmf", 2048): "adam"}
+    t = Trainer(TrainConfig(model="mf", batch_size=small, epochs=1).resolved(), data,
+                tmp_path, "test")
+    assert t.cfg.optimizer == "sparse_adam" and isinstance(t.opt.opts[0], RowSparseAdam)
+    loss, n = t.train_epoch()
+    assert n == len(data.train) and math.isfinite(loss)
+    t.l2.close()
