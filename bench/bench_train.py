@@ -17,6 +17,7 @@ tensors stage 60 trains on, then times:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -65,15 +66,17 @@ def synthetic(n_ratings: int, n_users: int, n_items: int, seed: int, device: tor
 
 def _head(data: Data, n: int) -> Data:
     """``data`` whose train part is its first ``n`` (already shuffled) interactions."""
-    import dataclasses
     t = data.train
     return dataclasses.replace(data, train=Part(t.users[:n], t.items[:n], t.ratings[:n]))
 
 
 def time_epoch(data: Data, cfg: TrainConfig, out: Path, limit: int = 0
-               ) -> tuple[float, int, float]:
+               ) -> tuple[float, int, float, str]:
     """Seconds, samples and loss of one training epoch (over the first ``limit`` train
-    interactions when given), after a short warm-up epoch on 3 batches."""
+    interactions when given), after a short warm-up epoch on 3 batches; and the optimizer
+    (``auto`` resolved for the full data)."""
+    chosen = Trainer(cfg.resolved(), data, out, "bench").cfg.optimizer
+    cfg = dataclasses.replace(cfg, optimizer=chosen)
     trainer = Trainer(cfg.resolved(), _head(data, 3 * cfg.batch_size), out, "bench")
     trainer.train_epoch()                              # warm-up (allocations, threads)
     trainer.data = _head(data, limit) if limit else data
@@ -81,7 +84,7 @@ def time_epoch(data: Data, cfg: TrainConfig, out: Path, limit: int = 0
     loss, samples = trainer.train_epoch()
     if data.device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - t0, samples, loss
+    return time.perf_counter() - t0, samples, loss, chosen
 
 
 def main() -> None:
@@ -123,7 +126,9 @@ def main() -> None:
                 opt_name, bs = spec.split(":")
                 cfg = TrainConfig(model="mf", task="explicit", dim=64, optimizer=opt_name,
                                   batch_size=int(bs), lr=1e-2, device=args.device)
-                secs, n, loss = time_epoch(data, cfg, out)
+                secs, n, loss, chosen = time_epoch(data, cfg, out)
+                if chosen != opt_name:
+                    opt_name = f"{opt_name} = {chosen}"
                 print(f"[mf explicit k=64, {opt_name}, batch {int(bs)}] one epoch {n:,} "
                       f"ratings in {secs:.2f}s = {n / secs / 1e6:.2f}M ratings/s "
                       f"(target >= 3M/s), loss {loss:.4f}")
@@ -134,7 +139,7 @@ def main() -> None:
         cfg = TrainConfig(model="neumf", task="implicit", dim=16, layers=[64, 32, 16, 8],
                           optimizer=args.optimizer, batch_size=args.batch_size, lr=1e-3,
                           n_negatives=4, device=args.device)
-        secs, n, loss = time_epoch(data, cfg, out, args.neumf_positives)
+        secs, n, loss, _ = time_epoch(data, cfg, out, args.neumf_positives)
         print(f"[neumf implicit, 4 negatives, {args.optimizer}, batch {args.batch_size}] one "
               f"epoch {n:,} samples in {secs:.2f}s = {n / secs / 1e6:.2f}M samples/s "
               f"(target >= 1M/s), loss {loss:.4f}; timed over "
