@@ -286,7 +286,13 @@ class GMF(_Base):
 
 class _Tower(nn.Module):
     """The NCF MLP on concat(p_u, q_i), with the first layer split per side so that the
-    broadcast case computes each side once ([U,1,h] + [1,N,h])."""
+    broadcast case computes each side once ([U,1,h] + [1,N,h]).
+
+    Initialised as the NCF reference code (Keras Dense defaults): Glorot-uniform weights and
+    zero biases. torch's default biases (uniform +-1/sqrt(fan_in)) dwarf the 0.01-scale
+    embeddings, so each unit's sign is fixed by its bias for every input; a tower could
+    start (or fall within a few steps) with a whole layer dead and a constant output, which
+    early stopping then keeps (seen on ML-100K: all 8 units of the last layer dead)."""
 
     def __init__(self, emb_dim: int, layers: Sequence[int], dropout: float):
         super().__init__()
@@ -299,6 +305,11 @@ class _Tower(nn.Module):
             rest += [nn.Dropout(dropout), nn.Linear(a, b), nn.ReLU(inplace=True)]
         self.rest = nn.Sequential(*rest)
         self.out_dim = layers[-1]
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, pu: torch.Tensor, qi: torch.Tensor) -> torch.Tensor:
         return self.rest(torch.relu(self.first_user(pu) + self.first_item(qi)))

@@ -124,3 +124,25 @@ def test_biased_mf_row_gradients_match_dense(n_items):
         assert torch.equal(rows, torch.unique(ids))
         dense = torch.zeros_like(w).index_copy_(0, rows, grad)
         torch.testing.assert_close(dense, w.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["mlp", "neumf"])
+def test_mlp_tower_starts_with_live_units(name):
+    """With 0.01-scale embeddings the tower must not start half dead: torch's default biases
+    fixed each unit's sign for every input and left, on average, 4 of the last layer's 8 units
+    alive (at worst 1; training then killed the rest on ML-100K, a constant model). With the
+    NCF reference init (Glorot weights, zero biases) most units of every layer respond."""
+    for seed in range(20):
+        torch.manual_seed(seed)
+        m = models.build_model(name, n_users=900, n_items=1600, layers=[64, 32, 16, 8],
+                               init_std=0.01)
+        u, i = torch.randint(0, 900, (4000,)), torch.randint(0, 1600, (4000,))
+        with torch.no_grad():
+            h = torch.relu(m.tower.first_user(m.user_mlp(u)) + m.tower.first_item(m.item_mlp(i)))
+            live = [int((h > 0).any(0).sum())]
+            for layer in m.tower.rest:
+                h = layer(h)
+                if isinstance(layer, nn.ReLU):
+                    live.append(int((h > 0).any(0).sum()))
+            assert m(u, i).std() > 0
+        assert all(n >= w * 3 // 4 for n, w in zip(live, [64, 32, 16, 8])), (seed, live)
