@@ -747,6 +747,19 @@ class Trainer:
                      self.epoch, loss, self.metric, v, mark, secs, row["samples_per_s"])
             self.save_checkpoint()
             write_history(self.out_dir / "history.csv", self.history)
+        self._warn_if_constant()
+
+    def _warn_if_constant(self) -> None:
+        """Early stopping ended a run whose validation metric never moved: the model most
+        likely scores every candidate alike (for instance a tower whose ReLUs all died), which
+        no number of epochs fixes. Say so instead of leaving a plausible-looking result."""
+        key = f"valid_{self.metric}"
+        vals = [h.get(key) for h in self.history]
+        if len(vals) > self.cfg.patience and len(set(vals)) == 1:
+            log.warning("validation %s stayed at %s for all %d epochs: the model probably "
+                        "gives (nearly) the same score to every item; try another --seed, a "
+                        "higher --lr (now %g) or a smaller --reg (now %g)", self.metric,
+                        vals[0], len(vals), self.cfg.lr, self.cfg.reg)
 
 
 def with_valid_in_train(data: Data) -> Data:

@@ -326,3 +326,16 @@ def test_optimizer_auto_picks_sparse_adam_for_tables_much_larger_than_a_batch(tm
     loss, n = t.train_epoch()
     assert n == len(data.train) and math.isfinite(loss)
     t.l2.close()
+
+
+def test_a_validation_metric_that_never_moves_is_reported(tmp_path, monkeypatch, caplog):
+    import recpipe.train as train_mod
+    data = _synthetic_data("explicit")
+    cfg = TrainConfig(model="mf", batch_size=256, epochs=10, patience=2).resolved()
+    monkeypatch.setattr(train_mod, "evaluate", lambda *a, **k: {"rmse": 1.25, "mae": 1.0})
+    t = Trainer(cfg, data, tmp_path, "test")
+    with caplog.at_level("WARNING", logger="recpipe"):
+        t.fit()
+    t.l2.close()
+    assert t.epoch == 3 and t.best_epoch == 1             # stopped by patience
+    assert "stayed at 1.25 for all 3 epochs" in caplog.text
