@@ -4,6 +4,7 @@ and divergence are refused with clear errors, checkpoints load with weights_only
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -334,8 +335,12 @@ def test_a_validation_metric_that_never_moves_is_reported(tmp_path, monkeypatch,
     cfg = TrainConfig(model="mf", batch_size=256, epochs=10, patience=2).resolved()
     monkeypatch.setattr(train_mod, "evaluate", lambda *a, **k: {"rmse": 1.25, "mae": 1.0})
     t = Trainer(cfg, data, tmp_path, "test")
-    with caplog.at_level("WARNING", logger="recpipe"):
+    logger = logging.getLogger("recpipe")       # stages' setup_logging stops propagation
+    logger.addHandler(caplog.handler)
+    try:
         t.fit()
-    t.l2.close()
+    finally:
+        logger.removeHandler(caplog.handler)
+        t.l2.close()
     assert t.epoch == 3 and t.best_epoch == 1             # stopped by patience
     assert "stayed at 1.25 for all 3 epochs" in caplog.text
