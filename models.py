@@ -125,28 +125,36 @@ class BiasedMF(_Base):
     # for p_u, the same with p and q swapped for q_i, and 2/B (e + reg b) for the biases;
     # rows used by several samples sum their terms. Tests check both forms against autograd.
 
-    def _residual(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
-                  scratch: dict) -> tuple[torch.Tensor, ...]:
-        """Gathered factor rows p, q [B, d] and the residual e [B, 1];
-        ``scratch`` (kept by the caller between batches) holds the [B, d] work tensors so
-        large batches do not allocate (and page-fault) fresh memory every step."""
+    # samples per pass: the [chunk, d] work tensors stay in cache (d = 64 on 2 cores: the
+    # gradient of a 65,536 batch took 15.3 ms in chunks of 16,384 against 17.9 ms in one)
+    CHUNK = 16384
+
+    def _residual_chunks(self, users: torch.Tensor, items: torch.Tensor,
+                         ratings: torch.Tensor, scratch: dict):
+        """For each chunk of the batch: (slice, p, q, e) with the gathered factor rows p, q
+        [m, d] and the residual e [m, 1]. ``scratch`` (kept by the caller between batches)
+        holds the work tensors, so steps do not allocate (and page-fault) fresh memory; p
+        and q are overwritten by the next chunk."""
         n = int(users.shape[0])
-        P, Q = self.user_factors.weight, self.item_factors.weight
-        shape = (n, P.shape[1])
+        P, Q = self.user_factors.weight.detach(), self.item_factors.weight.detach()
+        shape = (min(max(n, 1), self.CHUNK), P.shape[1])
         key = (shape, P.dtype, P.device)
         if scratch.get("key") != key:
             scratch.clear()
             scratch.update(key=key, p=P.new_empty(shape), q=P.new_empty(shape),
                            t=P.new_empty(shape))
-        p, q = scratch["p"], scratch["q"]
-        torch.index_select(P.detach(), 0, users, out=p)
-        torch.index_select(Q.detach(), 0, items, out=q)
-        bu = self.user_bias.weight.detach().index_select(0, users)          # [B, 1]
-        bi = self.item_bias.weight.detach().index_select(0, items)
-        e = torch.bmm(p.unsqueeze(1), q.unsqueeze(2)).view(n, 1)            # p.q, one pass
-        e.add_(bu).add_(bi).sub_((ratings.to(e.dtype).unsqueeze(1) - self.global_mean)
-                                 / self.scale)
-        return p, q, e
+        BU, BI = self.user_bias.weight.detach(), self.item_bias.weight.detach()
+        for s in range(0, n, self.CHUNK):
+            sl = slice(s, min(n, s + self.CHUNK))
+            u, i = users[sl], items[sl]
+            m = int(u.shape[0])
+            p, q = scratch["p"][:m], scratch["q"][:m]
+            torch.index_select(P, 0, u, out=p)
+            torch.index_select(Q, 0, i, out=q)
+            e = torch.bmm(p.unsqueeze(1), q.unsqueeze(2)).view(m, 1)        # p.q, one pass
+            e.add_(BU.index_select(0, u)).add_(BI.index_select(0, i))
+            e.sub_((ratings[sl].to(e.dtype).unsqueeze(1) - self.global_mean) / self.scale)
+            yield sl, p, q, e
 
     @torch.no_grad()
     def mse_backward(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
@@ -156,14 +164,11 @@ class BiasedMF(_Base):
         weights, dense (replacing what was there), ready for a dense optimiser's step. About
         3x faster than autograd on CPU."""
         scratch = {} if scratch is None else scratch
-        p, q, e = self._residual(users, items, ratings, scratch)
         n = max(1, int(users.shape[0]))
-        loss = e.square().mean()
-        g = e.mul_(2.0 / n)                                             # dMSE/de, [B, 1]
         c = 2.0 * float(reg) / n
-        t = scratch["t"]
-        for w, b, idx, other in ((self.user_factors.weight, self.user_bias.weight, users, q),
-                                 (self.item_factors.weight, self.item_bias.weight, items, p)):
+        sides = ((self.user_factors.weight, self.user_bias.weight, users),
+                 (self.item_factors.weight, self.item_bias.weight, items))
+        for w, b, idx in sides:
             # the L2 term summed over a batch is c * (uses of the row) * row: one pass over
             # each table plus a bincount (cheaper than adding c * row per sample, and than
             # index_add_ with alpha, which takes a slow path on CPU)
@@ -176,9 +181,15 @@ class BiasedMF(_Base):
                     torch.mul(x.detach(), uses, out=x.grad)
                 else:
                     x.grad.zero_()
-            w.grad.index_add_(0, idx, torch.mul(other, g, out=t))
-            b.grad.index_add_(0, idx, g)
-        return loss
+        sq = self.user_factors.weight.new_zeros(())
+        for sl, p, q, e in self._residual_chunks(users, items, ratings, scratch):
+            sq += e.square().sum()
+            g = e.mul_(2.0 / n)                                         # dMSE/de, [m, 1]
+            t = scratch["t"][:g.shape[0]]
+            for (w, b, idx), other in zip(sides, (q, p)):
+                w.grad.index_add_(0, idx[sl], torch.mul(other, g, out=t))
+                b.grad.index_add_(0, idx[sl], g)
+        return sq / n
 
     @torch.no_grad()
     def mse_backward_rows(self, users: torch.Tensor, items: torch.Tensor,
@@ -190,26 +201,31 @@ class BiasedMF(_Base):
         tables, ``rows`` the distinct rows the batch used in ascending order. Costs scale with
         the batch, not with the tables (no pass over all users or items)."""
         scratch = {} if scratch is None else scratch
-        p, q, e = self._residual(users, items, ratings, scratch)
         n = max(1, int(users.shape[0]))
-        loss = e.square().mean()
-        g = e.mul_(2.0 / n)
         c = 2.0 * float(reg) / n
-        t = scratch["t"]
-        out = []
-        for w, b, idx, other in ((self.user_factors.weight, self.user_bias.weight, users, q),
-                                 (self.item_factors.weight, self.item_bias.weight, items, p)):
+        sides = []
+        for w, b, idx in ((self.user_factors.weight, self.user_bias.weight, users),
+                          (self.item_factors.weight, self.item_bias.weight, items)):
             rows, inv = self._unique_rows(idx, w.shape[0])
-            gw = w.new_zeros((rows.shape[0], w.shape[1])).index_add_(
-                0, inv, torch.mul(other, g, out=t))
-            gb = b.new_zeros((rows.shape[0], 1)).index_add_(0, inv, g)
+            sides.append((w, b, rows, inv, w.new_zeros((rows.shape[0], w.shape[1])),
+                          b.new_zeros((rows.shape[0], 1))))
+        sq = self.user_factors.weight.new_zeros(())
+        for sl, p, q, e in self._residual_chunks(users, items, ratings, scratch):
+            sq += e.square().sum()
+            g = e.mul_(2.0 / n)
+            t = scratch["t"][:g.shape[0]]
+            for (w, b, rows, inv, gw, gb), other in zip(sides, (q, p)):
+                gw.index_add_(0, inv[sl], torch.mul(other, g, out=t))
+                gb.index_add_(0, inv[sl], g)
+        out = []
+        for w, b, rows, inv, gw, gb in sides:
             if c:
                 uses = torch.bincount(inv, minlength=rows.shape[0]).to(w.dtype)
                 uses = uses.mul_(c).unsqueeze(1)
                 gw.addcmul_(w.detach().index_select(0, rows), uses)
                 gb.addcmul_(b.detach().index_select(0, rows), uses)
             out += [(w, rows, gw), (b, rows, gb)]
-        return loss, out
+        return sq / n, out
 
     @staticmethod
     def _unique_rows(idx: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -78,10 +78,12 @@ def test_build_model_rejects_unknown_name():
         models.build_model("svd", n_users=2, n_items=2)
 
 
-@pytest.mark.parametrize("reg", [0.1, 0.0])
-def test_biased_mf_manual_gradients_match_autograd(reg):
+@pytest.mark.parametrize("reg,chunk", [(0.1, 16384), (0.0, 16384), (0.1, 7)])
+def test_biased_mf_manual_gradients_match_autograd(reg, chunk, monkeypatch):
     """BiasedMF.mse_backward (the trainer's fast path) = autograd of the trainer's objective:
-    per-sample MSE in standardised units + reg / B * squares of the rows each sample uses."""
+    per-sample MSE in standardised units + reg / B * squares of the rows each sample uses.
+    chunk 7: the batch of 64 goes through in 10 chunks, the last one partial."""
+    monkeypatch.setattr(models.BiasedMF, "CHUNK", chunk)
     torch.manual_seed(0)
     m = models.BiasedMF(N_USERS, N_ITEMS, dim=5, init_std=0.3, global_mean=3.5, scale=1.1)
     with torch.no_grad():
@@ -106,9 +108,11 @@ def test_biased_mf_manual_gradients_match_autograd(reg):
     assert not (set(dict(m.named_parameters())) - set(want))
 
 
-@pytest.mark.parametrize("n_items", [9, 200])    # marks and cumsum; 200 > 64 * 3: a sort
-def test_biased_mf_row_gradients_match_dense(n_items):
-    """mse_backward_rows returns the dense gradient's nonzero rows, distinct and ascending."""
+@pytest.mark.parametrize("n_items,chunk", [(9, 16384), (200, 16384), (9, 2)])
+def test_biased_mf_row_gradients_match_dense(n_items, chunk, monkeypatch):
+    """mse_backward_rows returns the dense gradient's nonzero rows, distinct and ascending.
+    n_items 9: rows by marks and cumsum; 200 > 64 * 3: by a sort; chunk 2: two chunks."""
+    monkeypatch.setattr(models.BiasedMF, "CHUNK", chunk)
     torch.manual_seed(1)
     m = models.BiasedMF(N_USERS, n_items, dim=4, init_std=0.3, global_mean=3.0, scale=0.9)
     u = torch.tensor([0, 5, 0])                    # a repeated row
