@@ -7,21 +7,8 @@
 #   ml100k-x20 ML-100K with every rating times 20: a 20-100 scale
 # Needs bench/requirements.txt (scikit-surprise). Usage: bash bench/unseen_scales.sh [WORK_DIR]
 # (about 1 minute on 2 cores)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-SHARED=${RECPIPE_SHARED_DATA:-../shared/data}
 W=${1:-bench/out/unseen}
-PY=${PYTHON:-python3}
-export RECPIPE_PROGRESS=0
-mkdir -p "$W"
-run() { echo "+ $*" >&2; "$@" > "$W/last.log" 2>&1 || { cat "$W/last.log"; exit 1; }; }
-pipeline() {  # DIR, then stage-10 arguments
-  local D=$1; shift
-  run $PY 10_preprocessing.py --data-dir "$D" "$@"
-  run $PY 20_make_ids.py --data-dir "$D"
-  run $PY 30_split_train_test.py --data-dir "$D" --strategy random --seed 42
-  run $PY 40_make_sparse_matrix.py --data-dir "$D"
-}
+source "$(dirname "$0")/lib.sh"
 $PY - "$SHARED" "$W" <<'PYEOF'
 import sys
 import pandas as pd
@@ -31,11 +18,12 @@ d.assign(rating=d.rating * 2).to_csv(f"{w}/mls_x2.csv", index=False)
 d = pd.read_csv(f"{shared}/movielens/ml-100k/u.data", sep="\t", names=["u", "i", "r", "t"])
 d.assign(r=d.r * 20).to_csv(f"{w}/ml100k_x20.csv", index=False)
 PYEOF
-pipeline "$W/netflix" --input "$SHARED/netflix/training_set"
-pipeline "$W/mls-x2" --input "$W/mls_x2.csv" --format csv --rating-scale 1 10 \
-  --columns userId,movieId,rating,timestamp
-pipeline "$W/ml100k-x20" --input "$W/ml100k_x20.csv" --format csv --rating-scale 20 100 \
-  --columns u,i,r,t
+SPLIT=(--strategy random --seed 42)
+pipeline "$W/netflix" "${SPLIT[@]}" -- --input "$SHARED/netflix/training_set"
+pipeline "$W/mls-x2" "${SPLIT[@]}" -- --input "$W/mls_x2.csv" --format csv \
+  --rating-scale 1 10 --columns userId,movieId,rating,timestamp
+pipeline "$W/ml100k-x20" "${SPLIT[@]}" -- --input "$W/ml100k_x20.csv" --format csv \
+  --rating-scale 20 100 --columns u,i,r,t
 for ds in netflix mls-x2 ml100k-x20; do
   echo "== $ds"
   $PY bench/bench_vs_surprise.py --data-dir "$W/$ds"

@@ -41,8 +41,8 @@ from .artifacts import stage_dir, upstream_entry, write_json
 from .cli import (PipelineError, command_line, config_dict, opt, parse_config, print_config,
                   progress_disabled, set_seed)
 from .dataset import Data, KeySet, exclusion_rows, load_data, sample_negatives
-from .optim import RowSparseAdam
 from .metrics import finish_full, full_rank_metrics, rmse_mae, sampled_rank_metrics
+from .optim import RowSparseAdam
 from .presets import DEFAULT_TASK, preset
 
 log = logging.getLogger("recpipe")
