@@ -11,7 +11,6 @@ situation where ``--optimizer auto`` picks sparse_adam (user + item rows > 16 x 
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -21,19 +20,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import synthetic  # noqa: E402
+from bench_train import data_args, synthetic  # noqa: E402
 from recpipe.metrics import rmse_mae  # noqa: E402
 from recpipe.train import Trainer, TrainConfig, predict_pairs  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ratings", type=int, default=2_000_000)
-    ap.add_argument("--users", type=int, default=70_000)
-    ap.add_argument("--items", type=int, default=10_000)
+    ap = data_args(__doc__, 2_000_000)
     ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recpipe.dataset import Data, Part  # noqa: E402
 from recpipe.metrics import sampled_rank_metrics  # noqa: E402
-from recpipe.train import Trainer, TrainConfig, score_candidates  # noqa: E402
+from recpipe.train import Trainer, TrainConfig, for_data, score_candidates  # noqa: E402
 
 
 def synthetic(n_ratings: int, n_users: int, n_items: int, seed: int, device: torch.device,
@@ -75,7 +75,7 @@ def time_epoch(data: Data, cfg: TrainConfig, out: Path, limit: int = 0
     """Seconds, samples and loss of one training epoch (over the first ``limit`` train
     interactions when given), after a short warm-up epoch on 3 batches; and the optimizer
     (``auto`` resolved for the full data)."""
-    chosen = Trainer(cfg.resolved(), data, out, "bench").cfg.optimizer
+    chosen = for_data(cfg.resolved(), data).optimizer
     cfg = dataclasses.replace(cfg, optimizer=chosen)
     trainer = Trainer(cfg.resolved(), _head(data, 3 * cfg.batch_size), out, "bench")
     trainer.train_epoch()                              # warm-up (allocations, threads)
@@ -87,13 +87,19 @@ def time_epoch(data: Data, cfg: TrainConfig, out: Path, limit: int = 0
     return time.perf_counter() - t0, samples, loss, chosen
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
+def data_args(doc: str, ratings: int) -> argparse.ArgumentParser:
+    """The options every synthetic-data bench takes (sizes and threads)."""
+    ap = argparse.ArgumentParser(description=doc,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ratings", type=int, default=10_000_000)
+    ap.add_argument("--ratings", type=int, default=ratings)
     ap.add_argument("--users", type=int, default=70_000)
     ap.add_argument("--items", type=int, default=10_000)
     ap.add_argument("--threads", type=int, default=2)
+    return ap
+
+
+def main() -> None:
+    ap = data_args(__doc__, 10_000_000)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--optimizer", default="adam",
                     help="optimizer for both training benches (adam, sparse_adam, sgd, adagrad)")

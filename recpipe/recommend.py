@@ -43,7 +43,6 @@ DESCRIPTION = ("Use a trained model (stage 60): top-k recommendations for a know
 MODEL_NAMES = ["mf", "deepmf", "gmf", "mlp", "neumf"]
 MODES = ("user", "ratings", "similar_to", "batch")
 TITLE_WIDTH = 60
-PAIRS_PER_CHUNK = 1 << 20          # user-item scores per chunk when --chunk-users is 0 (auto)
 
 
 @dataclass
@@ -75,8 +74,8 @@ class RecommendConfig:
     foldin_lr: float = opt(0.05, "--ratings: Adam learning rate of the fold-in")
     foldin_negatives: int = opt(4, "--ratings with implicit models: sampled negatives per given "
                                    "item, redrawn every step")
-    chunk_users: int = opt(0, "users scored per chunk in --batch (0: about 1M user-item scores "
-                              "per chunk)")
+    chunk_users: int = opt(0, "users scored per chunk in --batch (0: automatic, sized to the "
+                              "model and the number of items, as stage 60's evaluation)")
     seed: int = opt(0, "random seed (fold-in initial noise and negative sampling)")
 
     def validate(self) -> None:
@@ -268,10 +267,6 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return vals, idx
 
 
-def _chunk_size(cfg_chunk: int, n_items: int) -> int:
-    return cfg_chunk if cfg_chunk > 0 else max(1, PAIRS_PER_CHUNK // max(1, n_items))
-
-
 @torch.inference_mode()
 def rank_items(model: torch.nn.Module, user_rows: np.ndarray, exclude: sp.csr_matrix, k: int,
                device: torch.device, chunk_users: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -287,7 +282,8 @@ def rank_items(model: torch.nn.Module, user_rows: np.ndarray, exclude: sp.csr_ma
     out_items = np.full((U, k_eff), -1, dtype=np.int64)
     out_scores = np.full((U, k_eff), -np.inf, dtype=np.float32)
     all_items = torch.arange(n_items, device=device).unsqueeze(0)
-    step = _chunk_size(chunk_users, n_items)
+    from .train import users_per_block
+    step = users_per_block(n_items, device, chunk_users, per_pair=hasattr(model, "tower"))
     for a in range(0, U, step):
         b = min(U, a + step)
         users = torch.as_tensor(user_rows[a:b], dtype=torch.long, device=device).unsqueeze(1)

@@ -286,12 +286,13 @@ class RowL2:
 # evaluation
 
 
-def _auto_block(n_items: int, device: torch.device, want: int, per_pair: bool) -> int:
+def users_per_block(n_items: int, device: torch.device, want: int, per_pair: bool) -> int:
     """Users per scoring block when each user is scored against ``n_items`` items. A
     dot-product model scoring all items does a block as one matrix product, so big blocks
     pay. Scoring that holds a vector per (user, item) pair (MLP towers; gathered candidate
     vectors, ``per_pair``) is fastest on CPU while that stays in cache: about 2^16 pairs,
-    2-3x faster than 2^20 on 2 cores (bench_train.py's sampled evaluation)."""
+    2-3x faster than 2^20 on 2 cores (bench_train.py's sampled evaluation). ``want`` > 0
+    overrides. Used by evaluation here and by stage 70's ranking."""
     if want > 0:
         return want
     if per_pair:
@@ -313,8 +314,8 @@ def predict_pairs(model: nn.Module, users: torch.Tensor, items: torch.Tensor,
 def score_candidates(model: nn.Module, users: torch.Tensor, items: torch.Tensor,
                      block: int = 0) -> torch.Tensor:
     """[U, C] scores for users [U] and candidate items [U, C], ``block`` users at a time
-    (0: automatic, see ``_auto_block``)."""
-    block = _auto_block(int(items.shape[-1]), items.device, block, per_pair=True)
+    (0: automatic, see ``users_per_block``)."""
+    block = users_per_block(int(items.shape[-1]), items.device, block, per_pair=True)
     outs = [model(users[s:s + block, None], items[s:s + block]).float()
             for s in range(0, users.shape[0], block)]
     return torch.cat(outs)
@@ -342,7 +343,7 @@ def full_ranking(model: nn.Module, data: Data, part: str, block_users: int = 0
                                     shape=(data.n_users, n_items))
     excl = excl.tocsr()
     users = np.unique(p.users.cpu().numpy())
-    block = _auto_block(n_items, dev, block_users, per_pair=hasattr(model, "tower"))
+    block = users_per_block(n_items, dev, block_users, per_pair=hasattr(model, "tower"))
     all_items = torch.arange(n_items, device=dev)[None, :]
     sums = []
     for s in range(0, len(users), block):
