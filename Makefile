@@ -60,19 +60,19 @@ $(call stamp,10,$(ARGS10))$(call stamp,20,$(ARGS20))$(call stamp,30,$(ARGS30))
 $(call stamp,40,$(ARGS40))$(call stamp,$(STAMP60),$(ARGS60))
 endif
 
-$(S10): 10_preprocessing.py $(COMMON) $(wildcard recpipe/preprocess.py recpipe/readers.py recpipe/demo.py recpipe/download.py) $(wildcard $(INPUT)) $(P)/10
+$(S10): 10_preprocessing.py $(COMMON) $(wildcard recpipe/preprocess.py recpipe/formats.py recpipe/readers/*.py recpipe/demo.py recpipe/download.py) $(wildcard $(INPUT)) $(P)/10
 	$(PYTHON) 10_preprocessing.py $(ARGS10)
 
 $(S20): 20_make_ids.py $(COMMON) recpipe/ids.py $(S10) $(P)/20
 	$(PYTHON) 20_make_ids.py $(ARGS20)
 
-$(S30): 30_split_train_test.py $(COMMON) recpipe/split.py $(S20) $(P)/30
+$(S30): 30_split_train_test.py $(COMMON) recpipe/split.py $(wildcard recpipe/readers/*.py) $(S20) $(P)/30
 	$(PYTHON) 30_split_train_test.py $(ARGS30)
 
 $(S40): 40_make_sparse_matrix.py $(COMMON) recpipe/matrix.py $(S30) $(P)/40
 	$(PYTHON) 40_make_sparse_matrix.py $(ARGS40)
 
-$(S60): 60_train.py models.py $(COMMON) $(wildcard recpipe/train.py recpipe/metrics.py recpipe/dataset.py recpipe/presets.py) $(S40) $(P)/$(STAMP60)
+$(S60): 60_train.py models.py $(COMMON) $(wildcard $(addprefix recpipe/,train.py metrics.py dataset.py presets.py family.py objectives.py scoring.py evaluation.py checkpoint.py optim.py report.py)) $(S40) $(P)/$(STAMP60)
 	$(PYTHON) 60_train.py $(ARGS60)
 
 test:

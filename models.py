@@ -1,27 +1,32 @@
-"""The networks: biased MF, the deep MF, and the NCF family (GMF, MLP, NeuMF).
+"""The model families: biased MF, the deep MF, and the NCF family (GMF, MLP, NeuMF).
 
-nn.Modules only: no I/O, no argument parsing. Conventions every model follows (stage 60 trains
-them, stage 70 scores and folds in new users with them):
+Each family is one class: the network plus what it declares to the stages through
+``recpipe.family.Family`` (its default task, the options it reads, how it is scored and
+fitted, its row-sparse user and item tables, its item vectors, how a new user is folded
+in, and optionally an analytic gradient). ``@register("name")`` makes it ``--model name``;
+its presets are its rows in ``recpipe/presets.py``. No I/O, no argument parsing.
 
-- ``Model(n_users, n_items, **sizes)``; ``forward(users, items)`` takes LongTensors of
-  broadcastable shapes (``[B]`` and ``[B]``; ``[U, 1]`` and ``[U, C]``; ``[U, 1]`` and
-  ``[1, n_items]``) and returns scores of the broadcast shape: the predicted rating for the
-  explicit task (``global_mean + scale * network``, both buffers: the network works in
-  standardised rating units so initialisation and regularisation carry over between rating
-  scales), a logit for implicit (global_mean 0, scale 1).
-- Every per-user parameter is an ``nn.Embedding(n_users, d)`` attribute whose name starts with
-  ``user_``; every per-item one an ``nn.Embedding(n_items, d)`` starting with ``item_``. No other
-  attribute starts with those prefixes, so a fold-in can optimise a new user row alone.
-- ``item_vectors()`` gives a ``[n_items, d]`` item representation for item-item similarity.
+Conventions every pair-scoring family follows: ``forward(users, items)`` takes LongTensors of
+broadcastable shapes (``[B]`` and ``[B]``; ``[U, 1]`` and ``[U, C]``; ``[U, 1]`` and
+``[1, n_items]``) and returns scores of the broadcast shape: the predicted rating for the
+explicit task (``global_mean + scale * network``, both buffers: the network works in
+standardised rating units so initialisation and regularisation carry over between rating
+scales), a logit for implicit (global_mean 0, scale 1).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
+from recpipe.family import REGISTRY, Family, family, look, register
+from recpipe.objectives import ExplicitMSE, Objective
+
 __all__ = ["BiasedMF", "DeepMF", "GMF", "MLP", "NeuMF", "MODELS", "build_model"]
+
+_look = look
 
 
 def _pair_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -40,73 +45,46 @@ def _pair_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum(-1)
 
 
-def _look(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
-    """Rows ``idx`` (any shape) of an embedding table.
-
-    Dense tables use ``index_select``, whose backward (an ``index_add``) is about 3x faster on
-    CPU than ``nn.Embedding``'s; sparse tables go through the module (sparse gradients). When
-    the trainer sets ``emb.captured`` to a list, the looked-up rows are appended to it (the
-    trainer's L2 on the rows a batch used)."""
-    if emb.sparse:
-        out = emb(idx)
-    else:
-        out = emb.weight.index_select(0, idx.reshape(-1)).view(*idx.shape, emb.embedding_dim)
-    cap = getattr(emb, "captured", None)
-    if cap is not None:
-        cap.append(out)
-    return out
+def _common(hp: dict[str, Any], global_mean: float, scale: float, sparse: bool
+            ) -> dict[str, Any]:
+    return {"init_std": float(hp["init_std"]), "sparse": bool(sparse),
+            "global_mean": float(global_mean), "scale": float(scale)}
 
 
-def _emb(n: int, d: int, std: float, sparse: bool) -> nn.Embedding:
-    e = nn.Embedding(n, d, sparse=sparse)
-    nn.init.normal_(e.weight, 0.0, std)
-    return e
-
-
-def _zero_emb(n: int, d: int, sparse: bool) -> nn.Embedding:
-    e = nn.Embedding(n, d, sparse=sparse)
-    nn.init.zeros_(e.weight)
-    return e
-
-
-class _Base(nn.Module):
-    def __init__(self, n_users: int, n_items: int, global_mean: float, scale: float = 1.0):
-        super().__init__()
-        if n_users <= 0 or n_items <= 0:
-            raise ValueError(f"n_users and n_items must be positive, got {n_users}, {n_items}")
-        self.n_users = int(n_users)
-        self.n_items = int(n_items)
-        self.register_buffer("global_mean", torch.tensor(float(global_mean)))
-        self.register_buffer("scale", torch.tensor(float(scale)))
-
+class _Base(Family):
     def _add_bias(self, use_bias: bool, sparse: bool) -> None:
         """Optional per-user and per-item biases (user_bias, item_bias); the NCF models use
         them for the explicit task, where they carry much of the signal."""
         self.use_bias = bool(use_bias)
         if self.use_bias:
-            self.user_bias = _zero_emb(self.n_users, 1, sparse)
-            self.item_bias = _zero_emb(self.n_items, 1, sparse)
+            self.table("user", "user_bias", 1, None, sparse)
+            self.table("item", "item_bias", 1, None, sparse)
 
     def _bias(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor | float:
         if not getattr(self, "use_bias", False):
             return 0.0
         return _look(self.user_bias, users).squeeze(-1) + _look(self.item_bias, items).squeeze(-1)
 
-    def _out(self, x: torch.Tensor) -> torch.Tensor:
-        # the network works in standardised units; scale and global_mean map to the ratings
-        return x.float() * self.scale + self.global_mean
 
-
+@register("mf")
 class BiasedMF(_Base):
     """r = mu + b_u + b_i + p_u . q_i (Funk / Koren biased matrix factorization)."""
+
+    default_task = "explicit"
+    options = {"dim": "factors per side", "init_std": "std of the factor initialisation"}
+    analytic_tasks = ("explicit",)
+
+    @classmethod
+    def from_config(cls, hp, task, global_mean, scale, sparse):
+        return {**_common(hp, global_mean, scale, sparse), "dim": int(hp["dim"])}
 
     def __init__(self, n_users: int, n_items: int, dim: int = 64, init_std: float = 0.05,
                  global_mean: float = 0.0, scale: float = 1.0, sparse: bool = False):
         super().__init__(n_users, n_items, global_mean, scale)
-        self.user_factors = _emb(n_users, dim, init_std, sparse)
-        self.item_factors = _emb(n_items, dim, init_std, sparse)
-        self.user_bias = _zero_emb(n_users, 1, sparse)
-        self.item_bias = _zero_emb(n_items, 1, sparse)
+        self.table("user", "user_factors", dim, init_std, sparse)
+        self.table("item", "item_factors", dim, init_std, sparse)
+        self.table("user", "user_bias", 1, None, sparse)
+        self.table("item", "item_bias", 1, None, sparse)
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         p = _look(self.user_factors, users)
@@ -227,6 +205,51 @@ class BiasedMF(_Base):
             out += [(w, rows, gw), (b, rows, gb)]
         return sq / n, out
 
+    def analytic_grad(self, users, items, ratings, reg, scratch, rows):
+        """The explicit objective's loss and gradient: dense ``.grad`` (``rows=False``) or
+        row-compact updates for ``optim.RowSparseAdam`` (``rows=True``)."""
+        if rows:
+            return self.mse_backward_rows(users, items, ratings, reg, scratch)
+        return self.mse_backward(users, items, ratings, reg, scratch), None
+
+    def fold_in(self, objective: Objective, reg: float, users: np.ndarray, items: np.ndarray,
+                ratings: np.ndarray, n_users: int, steps: int = 300, lr: float = 0.05,
+                seed: int = 0) -> tuple[Family, str]:
+        """Explicit: per new user, the exact minimiser of the training objective over
+        [p_u, b_u] with q_i, b_i fixed (ridge regression); implicit: the default fold-in.
+
+        The model predicts r = mu + s * (b_u + b_i + p_u.q_i) (s: the train ratings' std) and
+        stage 60 minimises, per sample, ((r - r_hat) / s)^2 + reg * (|p_u|^2 + b_u^2 + item
+        rows). Kept to one user's terms, with z_i = (r_i - mu) / s - b_i and x_i = [q_i, 1],
+        that is sum_i (z_i - x_i.theta)^2 + reg * n_u * |theta|^2, solved exactly (float64,
+        all users at once): theta = (X'X + reg * n_u * I)^-1 X'z."""
+        if not isinstance(objective, ExplicitMSE):
+            return super().fold_in(objective, reg, users, items, ratings, n_users, steps, lr,
+                                   seed)
+        dev = self.item_factors.weight.device
+        q = self.item_factors.weight.double()
+        bi = self.item_bias.weight.double()[:, 0]
+        mu, scale = float(self.global_mean), float(self.scale)
+        it = torch.tensor(np.asarray(items, dtype=np.int64), device=dev)
+        us = torch.tensor(np.asarray(users, dtype=np.int64), device=dev)
+        x = torch.cat([q[it], torch.ones(len(it), 1, dtype=torch.float64, device=dev)], dim=1)
+        r = torch.tensor(np.asarray(ratings, dtype=np.float64), device=dev)
+        z = (r - mu) / scale - bi[it]
+        d = x.shape[1]
+        A = torch.zeros(n_users, d, d, dtype=torch.float64, device=dev)
+        A.index_add_(0, us, x.unsqueeze(2) * x.unsqueeze(1))
+        rhs = torch.zeros(n_users, d, dtype=torch.float64, device=dev).index_add_(
+            0, us, x * z[:, None])
+        counts = torch.bincount(us, minlength=n_users).double()
+        lam = (reg * counts).clamp_min(1e-8)      # tiny floor keeps one-rating users solvable
+        A = A + lam[:, None, None] * torch.eye(d, dtype=torch.float64, device=dev)
+        theta = torch.linalg.solve(A, rhs)
+        rows = {"user_factors": theta[:, :-1].float(), "user_bias": theta[:, -1:].float()}
+        method = (f"biased MF fold-in: solved the new user's {d - 1} factors and bias in "
+                  f"closed form (ridge regression with the item factors and biases fixed; L2 "
+                  f"{reg:g} per rating as in training)")
+        return self.with_user_rows(rows), method
+
     @staticmethod
     def _unique_rows(idx: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``torch.unique(idx, sorted=True, return_inverse=True)`` for ids in [0, n): mark and
@@ -241,18 +264,28 @@ class BiasedMF(_Base):
         return rows, pos.index_select(0, idx)
 
 
+@register("deepmf")
 class DeepMF(_Base):
     """Deep MF (the Netflix tutorial): per side Embedding -> Linear -> ReLU, element-wise
     product, Linear output; plus optional user/item biases (on by default: they carry most of
     the signal in explicit ratings and make the tower's job easier)."""
+
+    default_task = "explicit"
+    options = {"dim": "embedding size", "hidden": "tower output size",
+               "dropout": "dropout on the embeddings", "init_std": "std of the embeddings"}
+
+    @classmethod
+    def from_config(cls, hp, task, global_mean, scale, sparse):
+        return {**_common(hp, global_mean, scale, sparse), "emb_dim": int(hp["dim"]),
+                "hidden": int(hp["hidden"]), "dropout": float(hp["dropout"])}
 
     def __init__(self, n_users: int, n_items: int, emb_dim: int = 128, hidden: int = 64,
                  init_std: float = 0.05, global_mean: float = 0.0, scale: float = 1.0,
                  use_bias: bool = True,
                  dropout: float = 0.0, sparse: bool = False):
         super().__init__(n_users, n_items, global_mean, scale)
-        self.user_embedding = _emb(n_users, emb_dim, init_std, sparse)
-        self.item_embedding = _emb(n_items, emb_dim, init_std, sparse)
+        self.table("user", "user_embedding", emb_dim, init_std, sparse)
+        self.table("item", "item_embedding", emb_dim, init_std, sparse)
         self.tower_user = nn.Linear(emb_dim, hidden)
         self.tower_item = nn.Linear(emb_dim, hidden)
         self.drop = nn.Dropout(dropout)
@@ -277,15 +310,24 @@ class DeepMF(_Base):
             return self._item_side(torch.arange(self.n_items, device=self.global_mean.device))
 
 
+@register("gmf")
 class GMF(_Base):
     """Generalized MF (He et al. 2017): h^T (p_u * q_i)."""
+
+    default_task = "implicit"
+    options = {"dim": "factors per side", "init_std": "std of the factors"}
+
+    @classmethod
+    def from_config(cls, hp, task, global_mean, scale, sparse):
+        return {**_common(hp, global_mean, scale, sparse), "dim": int(hp["dim"]),
+                "use_bias": task == "explicit"}
 
     def __init__(self, n_users: int, n_items: int, dim: int = 16, init_std: float = 0.01,
                  global_mean: float = 0.0, scale: float = 1.0, use_bias: bool = False,
                  sparse: bool = False):
         super().__init__(n_users, n_items, global_mean, scale)
-        self.user_gmf = _emb(n_users, dim, init_std, sparse)
-        self.item_gmf = _emb(n_items, dim, init_std, sparse)
+        self.table("user", "user_gmf", dim, init_std, sparse)
+        self.table("item", "item_gmf", dim, init_std, sparse)
         self._add_bias(use_bias, sparse)
         self.predict = nn.Linear(dim, 1)
         nn.init.uniform_(self.predict.weight, 0.0, 1.0)   # positive start: p.q ranks sensibly
@@ -340,9 +382,21 @@ class _Tower(nn.Module):
         return self.rest(h)
 
 
+@register("mlp")
 class MLP(_Base):
     """NCF MLP: a ReLU tower on concat(p_u, q_i). ``layers`` are the hidden sizes; the
     embeddings are layers[0] // 2 wide (the paper's convention)."""
+
+    default_task = "implicit"
+    per_pair_scoring = True
+    options = {"layers": "tower sizes, the first = 2 x the embedding size",
+               "dropout": "dropout between tower layers", "init_std": "std of the embeddings"}
+
+    @classmethod
+    def from_config(cls, hp, task, global_mean, scale, sparse):
+        return {**_common(hp, global_mean, scale, sparse),
+                "layers": [int(x) for x in hp["layers"]], "dropout": float(hp["dropout"]),
+                "use_bias": task == "explicit"}
 
     def __init__(self, n_users: int, n_items: int, layers: Sequence[int] = (64, 32, 16, 8),
                  init_std: float = 0.01, dropout: float = 0.0, global_mean: float = 0.0,
@@ -350,8 +404,8 @@ class MLP(_Base):
         super().__init__(n_users, n_items, global_mean, scale)
         layers = [int(x) for x in layers]
         emb_dim = max(1, layers[0] // 2)
-        self.user_mlp = _emb(n_users, emb_dim, init_std, sparse)
-        self.item_mlp = _emb(n_items, emb_dim, init_std, sparse)
+        self.table("user", "user_mlp", emb_dim, init_std, sparse)
+        self.table("item", "item_mlp", emb_dim, init_std, sparse)
         self._add_bias(use_bias, sparse)
         self.tower = _Tower(emb_dim, layers, dropout)
         self.predict = nn.Linear(layers[-1], 1)
@@ -370,9 +424,27 @@ class MLP(_Base):
         return self.item_mlp.weight.detach()
 
 
+@register("neumf")
 class NeuMF(_Base):
     """NeuMF: GMF and MLP branches with separate embeddings, concatenated into one output
     layer. ``load_pretrained(gmf, mlp, alpha)`` is the paper's pretraining initialisation."""
+
+    default_task = "implicit"
+    per_pair_scoring = True
+    options = {"dim": "GMF branch size", "layers": "MLP branch tower sizes (first = 2 x its "
+               "embedding size)", "dropout": "dropout between tower layers",
+               "init_std": "std of the embeddings",
+               "pretrained": "initialise from the trained gmf and mlp models"}
+    pretrain_from = ("gmf", "mlp")
+
+    @classmethod
+    def from_config(cls, hp, task, global_mean, scale, sparse):
+        return {**_common(hp, global_mean, scale, sparse), "gmf_dim": int(hp["dim"]),
+                "layers": [int(x) for x in hp["layers"]], "dropout": float(hp["dropout"]),
+                "use_bias": task == "explicit"}
+
+    def init_from(self, parts: dict[str, nn.Module], alpha: float) -> None:
+        self.load_pretrained(parts["gmf"], parts["mlp"], alpha)
 
     def __init__(self, n_users: int, n_items: int, gmf_dim: int = 16,
                  layers: Sequence[int] = (64, 32, 16, 8), init_std: float = 0.01,
@@ -381,10 +453,10 @@ class NeuMF(_Base):
         super().__init__(n_users, n_items, global_mean, scale)
         layers = [int(x) for x in layers]
         emb_dim = max(1, layers[0] // 2)
-        self.user_gmf = _emb(n_users, gmf_dim, init_std, sparse)
-        self.item_gmf = _emb(n_items, gmf_dim, init_std, sparse)
-        self.user_mlp = _emb(n_users, emb_dim, init_std, sparse)
-        self.item_mlp = _emb(n_items, emb_dim, init_std, sparse)
+        self.table("user", "user_gmf", gmf_dim, init_std, sparse)
+        self.table("item", "item_gmf", gmf_dim, init_std, sparse)
+        self.table("user", "user_mlp", emb_dim, init_std, sparse)
+        self.table("item", "item_mlp", emb_dim, init_std, sparse)
         self._add_bias(use_bias, sparse)
         self.tower = _Tower(emb_dim, layers, dropout)
         self.gmf_dim = int(gmf_dim)
@@ -427,12 +499,9 @@ class NeuMF(_Base):
         return torch.cat([self.item_gmf.weight, self.item_mlp.weight], dim=1).detach()
 
 
-MODELS: dict[str, type[nn.Module]] = {"mf": BiasedMF, "deepmf": DeepMF, "gmf": GMF,
-                                      "mlp": MLP, "neumf": NeuMF}
+MODELS: dict[str, type[Family]] = REGISTRY     # name -> family, filled by @register
 
 
-def build_model(name: str, n_users: int, n_items: int, **model_args) -> nn.Module:
-    """The model called ``name`` (a key of MODELS) with its constructor arguments."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
-    return MODELS[name](n_users, n_items, **model_args)
+def build_model(name: str, n_users: int, n_items: int, **model_args) -> Family:
+    """The model called ``name`` (a registered family) with its constructor arguments."""
+    return family(name)(n_users, n_items, **model_args)

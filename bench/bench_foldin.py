@@ -39,8 +39,7 @@ import pandas as pd  # noqa: E402
 import scipy.sparse as sp  # noqa: E402
 import torch  # noqa: E402
 
-from recpipe.recommend import (fold_in, load_recommender, user_embeddings,  # noqa: E402
-                               with_user_rows)
+from recpipe.recommend import fold_in, load_recommender, user_embeddings  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "movielens" / "ml-100k"
 
@@ -202,7 +201,7 @@ def main() -> None:
             r_fold = rmse(predict(fold_b.model, ev_user, ev_item_b), truth, rec_b.rating_scale)
             r_same = rmse(predict(fold_a.model, ev_user, ev_item_a), truth, rec_a.rating_scale)
             mu_b = float(rec_b.model.global_mean)
-            zero = with_user_rows(rec_b.model, {n: torch.zeros(len(held), e.weight.shape[1])
+            zero = rec_b.model.with_user_rows({n: torch.zeros(len(held), e.weight.shape[1])
                                                  for n, e in user_embeddings(rec_b.model).items()})
             r_zero = rmse(predict(zero, ev_user, ev_item_b), truth, rec_b.rating_scale)
             print(f"  RMSE on E, trained normally (F' in training):     {r_train:.4f}")

@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import data_args, synthetic  # noqa: E402
 from recpipe.metrics import rmse_mae  # noqa: E402
-from recpipe.train import Trainer, TrainConfig, predict_pairs  # noqa: E402
+from recpipe.scoring import predict_pairs  # noqa: E402
+from recpipe.train import Trainer, TrainConfig  # noqa: E402
 
 
 def main() -> None:

@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recpipe.dataset import Data, Part  # noqa: E402
 from recpipe.metrics import sampled_rank_metrics  # noqa: E402
-from recpipe.train import Trainer, TrainConfig, for_data, score_candidates  # noqa: E402
+from recpipe.scoring import score_candidates  # noqa: E402
+from recpipe.train import Trainer, TrainConfig, for_data  # noqa: E402
 
 
 def synthetic(n_ratings: int, n_users: int, n_items: int, seed: int, device: torch.device,

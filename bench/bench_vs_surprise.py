@@ -110,7 +110,8 @@ def race(args, data_dir: Path, s_rmse: float, s_secs: float) -> None:
     import torch
     from recpipe.dataset import load_data
     from recpipe.metrics import rmse_mae
-    from recpipe.train import Trainer, predict_pairs
+    from recpipe.scoring import predict_pairs
+    from recpipe.train import Trainer
     cfg = TrainConfig(model="mf", data_dir=data_dir, seed=args.seed, threads=args.threads,
                       dim=args.race_dim, lr=args.race_lr, batch_size=args.race_batch,
                       lr_schedule="none", refit=False).resolved()

@@ -8,6 +8,7 @@ reading and names the command to rerun when something is missing or stale.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -104,12 +105,50 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def temp_name(path: Path, kind: str = "tmp") -> Path:
+    """A hidden sibling of ``path`` owned by this process: ``.<name>.<kind>-<pid>`` (same
+    folder, so the rename that publishes it is atomic)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """Write a file under a temporary name and rename it into place only when the block ends
+    without an error, so readers see the old file or the new one, never half of one:
+
+        with atomic_write(out / "model.pt") as tmp:
+            torch.save(obj, tmp)
+    """
+    path = Path(path)
+    tmp = temp_name(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def swap_folder(staged: Path, final: Path) -> None:
+    """Put the finished folder ``staged`` at ``final``, replacing what was there: the old one
+    is renamed aside first, then removed after the new one is in place."""
+    staged, final = Path(staged), Path(final)
+    old = None
+    if final.exists():
+        old = temp_name(final, "old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(staged, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temporary name, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
 class StageOutput:
@@ -125,7 +164,7 @@ class StageOutput:
         self.stage = stage
         self.final = stage_dir(self.data_dir, stage)
         # a sibling of the final folder (same file system, so the rename is atomic)
-        self.tmp = self.final.parent / f".{self.final.name}.tmp-{os.getpid()}"
+        self.tmp = temp_name(self.final)
         self._committed = False
         self._t0 = time.time()
 
@@ -152,15 +191,7 @@ class StageOutput:
                 "seconds": round(time.time() - self._t0, 3), **manifest}
         full.setdefault("files", sorted(p.name for p in self.tmp.iterdir()))
         write_json(self.tmp / MANIFEST, full)
-        old = None
-        if self.final.exists():
-            old = self.tmp.with_name(self.tmp.name.replace(".tmp-", ".old-"))
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(self.final, old)
-        os.replace(self.tmp, self.final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swap_folder(self.tmp, self.final)
         self._committed = True
         return self.final
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -26,6 +27,60 @@ class PipelineError(Exception):
     The message should say what went wrong, where (file:line), the offending value, what was
     expected, and the command that fixes it.
     """
+
+
+# errno -> (what went wrong, what to do), for the one-line message of an OSError
+_OS_ERRORS: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: ("disk full", "free space on that file system (or choose another --data-dir) "
+                                "and run the command again"),
+    errno.EDQUOT: ("disk quota exceeded", "free space within your quota (or choose another "
+                                          "--data-dir) and run the command again"),
+    errno.EACCES: ("permission denied", "make it accessible to this user (or choose another "
+                                        "--data-dir) and run the command again"),
+    errno.EPERM: ("operation not permitted", "make it writable by this user (or choose another "
+                                             "--data-dir) and run the command again"),
+    errno.EROFS: ("read-only file system", "choose a writable --data-dir and run the command "
+                                           "again"),
+    errno.ENOTDIR: ("not a folder", "choose another --data-dir (or move that file away)"),
+    errno.EISDIR: ("is a folder, expected a file", "move that folder away or pass a file"),
+    errno.ENOENT: ("not found", "check the path and run the command again"),
+    errno.EEXIST: ("already exists", "move it away and run the command again"),
+    errno.EIO: ("input/output error", "the disk reported an error: check it, then run the "
+                                      "command again"),
+    errno.EXDEV: ("on another file system", "the work folder must be on the file system of "
+                                            "--data-dir"),
+    errno.EMFILE: ("too many open files", "raise the limit (ulimit -n) and run the command "
+                                          "again"),
+    errno.ENAMETOOLONG: ("name too long", "choose a shorter --data-dir"),
+}
+
+
+def _file_in_path(path: Path) -> Path | None:
+    """The first existing component of ``path`` that is not a folder (the cause of ENOTDIR)."""
+    for p in [*reversed(Path(path).parents), Path(path)]:
+        if p.exists() and not p.is_dir():
+            return p
+    return None
+
+
+def os_error_message(e: OSError, path: str | Path | None = None, action: str | None = None,
+                     hint: str | None = None) -> str:
+    """One line for an OSError: ``<path>: <what>[ while <action>] (<strerror>); <hint>``.
+
+    ``path`` is what was being read or written (default: the error's own filename);
+    ``hint`` replaces the default advice for the error number."""
+    where = path if path is not None else e.filename
+    what, advice = _OS_ERRORS.get(e.errno, ("cannot access it", "check the path and run the "
+                                                                "command again"))
+    if e.errno == errno.ENOTDIR and where is not None:
+        blocker = _file_in_path(Path(where))
+        if blocker is not None:
+            what = f"not a folder: {blocker} is a file"
+    if action:
+        what = f"{what} while {action}"
+    reason = e.strerror or str(e) or type(e).__name__
+    head = f"{where}: " if where is not None else ""
+    return f"{head}{what} ({reason}); {hint or advice}"
 
 
 def opt(default: Any, help: str, choices: Sequence[Any] | None = None, flag: str | None = None,
@@ -47,6 +102,16 @@ class _Parser(argparse.ArgumentParser):
                      f"run `python {self.prog} --help` for details\n")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" after each option's help, except where the default is None: such
+    an option's help says itself where its value comes from (e.g. the model's preset)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     if typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -58,7 +123,7 @@ def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
 def build_parser(cfg_cls: type, prog: str, description: str) -> argparse.ArgumentParser:
     """An argparse parser generated from a config dataclass."""
     parser = _Parser(prog=prog, description=description,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                     formatter_class=_HelpFormatter)
     hints = typing.get_type_hints(cfg_cls)
     for f in dataclasses.fields(cfg_cls):
         meta = f.metadata
@@ -159,12 +224,19 @@ def progress_disabled() -> bool:
 
 
 def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> int:
-    """Run a script's main: user errors become one line and exit code 1."""
+    """Run a script's main: user errors become one line and exit code 1.
+
+    So does every OSError (disk full, permission denied, read-only file system, a file where
+    a folder is expected, ...): the environment, not a bug. Other exceptions keep their
+    traceback."""
     setup_logging(os.environ.get("RECPIPE_VERBOSE") == "1")
     try:
         main(argv)
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"error: {os_error_message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

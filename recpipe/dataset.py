@@ -15,7 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .artifacts import read_manifest, stage_dir
+from .artifacts import MANIFEST, fingerprint, read_manifest, stage_dir
 from .cli import PipelineError
 
 STAGE40 = "40_make_sparse_matrix"
@@ -48,6 +48,7 @@ class Data:
     train_keys: torch.Tensor          # sorted user * n_items + item of train interactions
     candidates: dict[str, tuple[torch.Tensor, torch.Tensor]]   # part -> (users, items[U,1+N])
     device: torch.device
+    fingerprint: str = ""             # of stage 40's manifest (what a checkpoint trained on)
 
     @property
     def has_candidates(self) -> bool:
@@ -120,8 +121,16 @@ def load_data(data_dir: str | Path, task: str, device: torch.device,
     keys = np.sort(tb.row.astype(np.int64) * n_items + tb.col.astype(np.int64))
     tr = parts["train"].ratings
     scale = man.get("rating_scale") or [float(tr.min()), float(tr.max())]
-    gmean = float(tr.double().mean()) if explicit else 0.0
-    std = float(tr.double().std()) if (explicit and len(tr) > 1) else 1.0
+    # the train ratings' mean and std standardise the explicit models' outputs; stage 40
+    # computed the mean (older artifacts lack it: computed here the same way)
+    gmean, std = 0.0, 1.0
+    if explicit:
+        gmean = man.get("global_mean")
+        gmean = float(tr.double().mean()) if gmean is None else float(gmean)
+        std = man.get("rating_std")
+        if std is None:
+            std = float(tr.double().std()) if len(tr) > 1 else 1.0
+        std = float(std)
     if not np.isfinite(std) or std <= 0:
         std = 1.0
     cands = {}
@@ -146,7 +155,8 @@ def load_data(data_dir: str | Path, task: str, device: torch.device,
                 rating_scale=(float(scale[0]), float(scale[1])), global_mean=gmean,
                 rating_std=std, task=task, train=parts["train"], valid=parts["valid"],
                 test=parts["test"], train_csr=train_bin,
-                train_keys=torch.from_numpy(keys).to(device), candidates=cands, device=device)
+                train_keys=torch.from_numpy(keys).to(device), candidates=cands, device=device,
+                fingerprint=fingerprint(d / MANIFEST))
 
 
 def is_member(keys_sorted: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -215,3 +225,18 @@ def exclusion_rows(csr: sp.csr_matrix, users: np.ndarray, device: torch.device
     sub = csr[users].tocoo()
     return (torch.from_numpy(sub.row.astype(np.int64)).to(device),
             torch.from_numpy(sub.col.astype(np.int64)).to(device))
+
+
+def with_valid_in_train(data: Data) -> Data:
+    """``data`` whose train part also holds the validation interactions (for the refit)."""
+    t, v = data.train, data.valid
+    train = Part(users=torch.cat([t.users, v.users]), items=torch.cat([t.items, v.items]),
+                 ratings=torch.cat([t.ratings, v.ratings]))
+    vk = v.users * data.n_items + v.items
+    keys = torch.unique(torch.cat([data.train_keys, vk]))          # sorted
+    vcsr = sp.csr_matrix((np.ones(len(v), dtype=np.float32),
+                          (v.users.cpu().numpy(), v.items.cpu().numpy())),
+                         shape=(data.n_users, data.n_items))
+    csr = (data.train_csr + vcsr).tocsr()
+    csr.data[:] = 1.0
+    return dataclasses.replace(data, train=train, train_keys=keys, train_csr=csr)

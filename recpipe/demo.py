@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -22,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
+from .artifacts import swap_folder, temp_name
 from .cli import PipelineError, log
 
 VERSION = 1
@@ -165,7 +165,7 @@ def ensure_demo(folder: Path, spec: DemoSpec) -> Path:
     t0 = time.time()
     d = generate(spec)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    tmp = temp_name(folder)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -174,11 +174,7 @@ def ensure_demo(folder: Path, spec: DemoSpec) -> Path:
         info = {**want, "n_ratings_written": int(len(d["item"])), "n_files": n_files,
                 "rating_mean": round(float(d["stars"].mean()), 4)}
         (tmp / "demo.json").write_text(json.dumps(info, indent=2) + "\n")
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.old-{os.getpid()}"
-            os.replace(folder, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, folder)
+        swap_folder(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

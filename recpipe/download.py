@@ -20,6 +20,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
+from .artifacts import swap_folder
 from .cli import PipelineError, log
 
 KNOWN = ["ml-100k", "ml-1m", "ml-10m", "ml-latest-small", "ml-20m", "ml-25m", "ml-32m", "ml-latest"]
@@ -138,11 +139,7 @@ def download(name: str, raw_dir: Path, base_url: str, timeout: float = 60.0) -> 
              "downloaded": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=2) + "\n")
         staged = raw_dir / f".{name}.ready-{os.getpid()}"
         os.replace(root, staged)
-        if target.exists():  # an incomplete earlier extraction (no marker): replace it
-            old = raw_dir / f".{name}.old-{os.getpid()}"
-            os.replace(target, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(staged, target)
+        swap_folder(staged, target)  # replaces an incomplete earlier extraction (no marker)
         os.replace(part, raw_dir / f"{name}.zip")
     finally:
         for p in (part, tmp):

@@ -103,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     n_neg = int(up.get("n_negatives") or 0)
     nnz: dict[str, int] = {}
     global_mean: float | None = None
+    rating_std: float | None = None
     n_candidates: dict[str, Any] = {}
     with StageOutput(cfg.data_dir, STAGE) as out:
         for name in PARTS:
@@ -114,13 +115,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             nnz[f"{name}_implicit"] = int(implicit.nnz)
             if name == "train":
                 global_mean = float(explicit.data.mean(dtype=np.float64)) if explicit.nnz else None
+                # torch's std (n - 1), as stage 60 standardises with it
+                rating_std = (float(explicit.data.astype(np.float64).std(ddof=1))
+                              if explicit.nnz > 1 else None)
             neg_path = src / f"{name}_negatives.npy"
             if name != "train" and neg_path.exists():
                 cand = candidates(df, np.load(neg_path), neg_path)
                 np.savez(out.path(f"{name}_candidates.npz"), **cand)
                 n_candidates[name] = int(len(cand["users"]))
             del df, explicit, implicit
-        task = "implicit" if up.get("task") == "implicit" or n_candidates else "explicit"
+        task = up.get("task")      # stage 30's: what the split was made for (null: either)
         manifest = {
             **stage_manifest(PROG, argv, cfg, cfg.data_dir, UPSTREAM, up),
             "strategy": up.get("strategy"),
@@ -129,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "shape": [n_users, n_items],
             "nnz": nnz,
             "global_mean": global_mean,
+            "rating_std": rating_std,
             "n_negatives": n_neg,
             "candidates": n_candidates,
             "task": task,
@@ -136,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         }
         out.commit(manifest)
     log.info("%s: %d x %d; nnz train %d, valid %d, test %d (implicit %d/%d/%d); global mean "
-             "%s; task %s -> %s", STAGE, n_users, n_items, nnz["train"], nnz["valid"],
+             "%s; split task %s -> %s", STAGE, n_users, n_items, nnz["train"], nnz["valid"],
              nnz["test"], nnz["train_implicit"], nnz["valid_implicit"], nnz["test_implicit"],
              "n/a" if global_mean is None else f"{global_mean:.4f}", task,
              stage_dir(cfg.data_dir, STAGE))

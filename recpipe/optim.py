@@ -12,7 +12,7 @@ index writes.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
@@ -52,3 +52,58 @@ class RowSparseAdam(torch.optim.SparseAdam):
             # -step_size * m / (sqrt(v) + eps), scaled in the divisor: index_add_ with an
             # alpha takes a slow path on CPU
             p.index_add_(0, rows, m.div_(v.sqrt_().add_(group["eps"]).mul_(-1.0 / step_size)))
+
+
+class Optimizers:
+    """One or two torch optimisers behind one interface: the family's row-sparse tables
+    (``Family.row_sparse_tables``) and its dense weights (towers, output layers)."""
+
+    def __init__(self, model: torch.nn.Module, name: str, lr: float, momentum: float = 0.9):
+        emb = model.row_sparse_tables()
+        emb_ids = {id(p) for m in emb for p in m.parameters()}
+        dense = [p for p in model.parameters() if id(p) not in emb_ids]
+        emb_params = [p for m in emb for p in m.parameters()]
+        fused = all(not m.sparse for m in emb)     # torch's fused Adam: off for sparse grads
+        self.opts: list[torch.optim.Optimizer] = []
+        if name == "adam":
+            self.opts.append(torch.optim.Adam(list(model.parameters()), lr=lr, fused=fused))
+        elif name == "sgd":
+            self.opts.append(torch.optim.SGD(list(model.parameters()), lr=lr,
+                                             momentum=momentum))
+        elif name == "sparse_adam":
+            self.opts.append(RowSparseAdam(emb_params, lr=lr))
+            if dense:
+                self.opts.append(torch.optim.Adam(dense, lr=lr))
+        elif name == "adagrad":
+            self.opts.append(torch.optim.Adagrad(emb_params, lr=lr))
+            if dense:
+                self.opts.append(torch.optim.Adam(dense, lr=lr * 0.1))
+        else:
+            raise ValueError(f"unknown optimizer {name!r}; expected adam, sgd, sparse_adam "
+                             f"or adagrad")
+        self.base_lrs = [[g["lr"] for g in o.param_groups] for o in self.opts]
+
+    def zero_grad(self) -> None:
+        for o in self.opts:
+            o.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        for o in self.opts:
+            o.step()
+
+    def step_rows(self, updates: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+                  ) -> None:
+        """A sparse_adam step from row-compact embedding gradients (RowSparseAdam)."""
+        self.opts[0].step_rows(updates)
+
+    def set_factor(self, factor: float) -> None:
+        for o, lrs in zip(self.opts, self.base_lrs):
+            for g, lr in zip(o.param_groups, lrs):
+                g["lr"] = lr * factor
+
+    def state_dict(self) -> list[dict[str, Any]]:
+        return [o.state_dict() for o in self.opts]
+
+    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
+        for o, s in zip(self.opts, states):
+            o.load_state_dict(s)

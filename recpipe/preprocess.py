@@ -1,13 +1,12 @@
 """Stage 10: raw rating files -> one merged ratings table (+ item titles) in Parquet.
 
-Detects the source format from the path and its content (``--format`` overrides), reads it
-with the fast reader of :mod:`recpipe.readers`, and writes ``DATA_DIR/10_preprocessing/``
-atomically: ``ratings.parquet``, ``items.parquet`` (when the source has titles) and
-``manifest.json`` last.
+Detects the source format from the path and its content (``--format`` overrides) with the
+registry of :mod:`recpipe.formats`, reads it with that entry's reader, and writes
+``DATA_DIR/10_preprocessing/`` atomically: ``ratings.parquet``, ``items.parquet`` (when the
+source has titles) and ``manifest.json`` last.
 """
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 import time
@@ -19,11 +18,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import readers
+from . import formats, readers
 from .artifacts import StageOutput, write_parquet
 from .download import download, extract_zip
-from .cli import PipelineError, command_line, config_dict, log, opt, parse_config, print_config, \
-    progress_disabled
+from .formats import Source
+from .cli import PipelineError, command_line, config_dict, log, opt, parse_config, print_config
 
 STAGE = "10_preprocessing"
 ROW_GROUP = 1 << 20
@@ -34,13 +33,8 @@ DESCRIPTION = ("Read raw rating files (Netflix Prize, MovieLens 100K/1M/10M/20M/
                "`--input demo` generates a deterministic demo dataset; `--download NAME` fetches a "
                "MovieLens archive first.")
 
-FORMATS = ["auto", "netflix", "ml-100k", "ml-1m", "ml-10m", "ml-20m", "ml-25m", "ml-latest",
-           "ml-latest-small", "anime", "ncf", "csv", "demo"]
-ML_DAT = {"ml-1m", "ml-10m"}
-ML_CSV = {"ml-20m", "ml-25m", "ml-latest", "ml-latest-small"}
-EXPECTED_FOLDER = ("a Netflix training_set/ (mv_*.txt) or combined_data_*.txt, MovieLens u.data, "
-                   "ratings.dat or ratings.csv, Kaggle anime rating.csv, an NCF *.train.rating, "
-                   "or a CSV/TSV file")
+FORMATS = ["auto", *formats.FORMAT_NAMES, "demo"]
+EXPECTED_FOLDER = formats.EXPECTED
 
 
 @dataclass
@@ -86,76 +80,17 @@ class Config:
 
 # --------------------------------------------------------------------------- detection
 
-def _strip_gz(name: str) -> str:
-    return name[:-3] if name.endswith(".gz") else name
-
-
-def _glob(folder: Path, pattern: str) -> list[Path]:
-    """Files matching pattern, sorted by name (string sort: 17,770 Paths sort slowly)."""
-    import fnmatch
-    with os.scandir(folder) as it:
-        names = sorted(e.name for e in it if fnmatch.fnmatchcase(e.name, pattern) and e.is_file())
-    return [folder / n for n in names]
-
-
-def _ml_dataset(folder: Path, default: str) -> str:
-    name = folder.name.lower()
-    for known in ["ml-latest-small", "ml-100k", "ml-10m", "ml-1m", "ml-20m", "ml-25m", "ml-32m",
-                  "ml-latest"]:
-        if name.startswith(known):
-            return known
-    return default
-
-
-@dataclass
-class Source:
-    fmt: str                 # reader: netflix | netflix-combined | ml-100k | ml-dat | ml-csv | anime | ncf | csv
-    dataset: str
-    files: list[Path]        # rating files
-    extra: Path | None = None  # titles / item file
-
-
-def _find_titles(start: Path) -> Path | None:
-    for folder in [start, start.parent, start.parent.parent]:
-        for name in ["movie_titles.txt", "movie_titles.csv", "movie_titles.txt.gz"]:
-            if (folder / name).is_file():
-                return folder / name
-    return None
-
-
-def _sibling(path: Path, *names: str) -> Path | None:
-    for n in names:
-        for cand in (path.parent / n, path.parent / (n + ".gz")):
-            if cand.is_file():
-                return cand
-    return None
-
-
-def _sniff_file(path: Path) -> str:
-    """Format of a single file from its name, then its first line."""
-    name = _strip_gz(path.name).lower()
-    if re.fullmatch(r"mv_\d+\.txt", name):
-        return "netflix"
-    if re.fullmatch(r"combined_data_\d+\.txt", name):
-        return "netflix-combined"
-    if name == "u.data":
-        return "ml-100k"
-    if name.endswith(".train.rating"):
-        return "ncf"
+def _sniff_file(path: Path, fmt: str) -> formats.Format:
+    """The entry that reads a single file: by its name, then by its first line."""
+    name = formats.strip_gz(path.name).lower()
+    entries = [f for f in formats.REGISTRY.values() if fmt == "auto" or fmt in f.formats]
+    by_name = next((f for f in entries if f.file_name and re.fullmatch(f.file_name, name)), None)
+    if by_name is not None or fmt != "auto":
+        return by_name or entries[0]
     data = readers.head_bytes(path)
     readers.check_text(data, path, EXPECTED_FOLDER)
-    first = readers._first_line(data).strip()
-    low = first.lower().replace(" ", "")
-    if re.fullmatch(r"\d+:", first):
-        nl = [l for l in data.split(b"\n")[1:-1] if l.strip()]
-        return "netflix-combined" if any(l.rstrip(b"\r").endswith(b":") for l in nl) else "netflix"
-    if name == "ratings.dat" or re.fullmatch(r"\d+::\d+::[\d.]+::\d+", first):
-        return "ml-dat"
-    if low.startswith("userid,movieid,rating"):
-        return "ml-csv"
-    if low.startswith("user_id,anime_id,rating"):
-        return "anime"
-    return "csv"
+    first = readers.first_line(data).strip()
+    return next(f for f in entries if f.sniff and f.sniff(path, data, first))
 
 
 def detect(path: Path, fmt: str, titles: str) -> Source:
@@ -166,127 +101,18 @@ def detect(path: Path, fmt: str, titles: str) -> Source:
     titles_path = Path(titles) if titles else None
     if titles_path is not None and not titles_path.is_file():
         raise PipelineError(f"--titles {titles_path}: no such file; expected movie_titles.txt")
-    if path.is_dir():
-        folder = path
-        ts = folder / "training_set"
-        mv = _glob(folder, "mv_*.txt") + _glob(folder, "mv_*.txt.gz")
-        if not mv and ts.is_dir():
-            mv = _glob(ts, "mv_*.txt") + _glob(ts, "mv_*.txt.gz")
-        combined = _glob(folder, "combined_data_*.txt") + _glob(folder, "combined_data_*.txt.gz")
-        cand = {n: _sibling(folder / "x", n) for n in
-                ["u.data", "ratings.dat", "ratings.csv", "rating.csv"]}
-        ncf = _glob(folder, "*.train.rating") + _glob(folder, "*.train.rating.gz")
-        if fmt in ("netflix", "auto") and (mv or combined):
-            if mv:
-                return Source("netflix", "netflix", mv, titles_path or _find_titles(mv[0].parent))
-            return Source("netflix-combined", "netflix", combined, titles_path or _find_titles(folder))
-        if fmt in ("ml-100k", "auto") and cand["u.data"]:
-            return Source("ml-100k", "ml-100k", [cand["u.data"]], _sibling(cand["u.data"], "u.item"))
-        if (fmt in ML_DAT or fmt == "auto") and cand["ratings.dat"]:
-            r = cand["ratings.dat"]
-            return Source("ml-dat", fmt if fmt in ML_DAT else _ml_dataset(folder, "ml-1m"), [r],
-                          _sibling(r, "movies.dat"))
-        if (fmt in ML_CSV or fmt == "auto") and cand["ratings.csv"]:
-            r = cand["ratings.csv"]
-            return Source("ml-csv", fmt if fmt in ML_CSV else _ml_dataset(folder, "ml-latest"), [r],
-                          _sibling(r, "movies.csv"))
-        if fmt in ("anime", "auto") and cand["rating.csv"]:
-            r = cand["rating.csv"]
-            return Source("anime", "anime", [r], _sibling(r, "anime.csv"))
-        if fmt in ("ncf", "auto") and ncf:
-            if len(ncf) > 1:
-                raise PipelineError(f"{folder}: several NCF files {[p.name for p in ncf]}; point "
-                                    f"--input at one *.train.rating file")
-            return Source("ncf", "ncf-" + _strip_gz(ncf[0].name).split(".train.rating")[0], ncf)
-        found = sorted(p.name for p in folder.iterdir())[:12]
-        want = EXPECTED_FOLDER if fmt == "auto" else f"the files of format {fmt}"
-        raise PipelineError(f"{folder}: cannot find ratings in this folder (it holds {found}); "
-                            f"expected {want}; point --input at the ratings file, or pass "
-                            f"--format csv --columns U,I,R[,T] for your own CSV")
-    # a single file
-    kind = _sniff_file(path) if fmt == "auto" else {
-        "netflix": "netflix", "ml-100k": "ml-100k", "anime": "anime", "ncf": "ncf", "csv": "csv",
-        **{k: "ml-dat" for k in ML_DAT}, **{k: "ml-csv" for k in ML_CSV}}[fmt]
-    if kind == "netflix" and fmt == "netflix" and re.fullmatch(
-            r"combined_data_\d+\.txt", _strip_gz(path.name).lower()):
-        kind = "netflix-combined"
-    if kind == "netflix":
-        return Source("netflix", "netflix", [path], titles_path or _find_titles(path.parent))
-    if kind == "netflix-combined":
-        return Source("netflix-combined", "netflix", [path], titles_path or _find_titles(path.parent))
-    if kind == "ml-100k":
-        return Source("ml-100k", "ml-100k", [path], _sibling(path, "u.item"))
-    if kind == "ml-dat":
-        return Source("ml-dat", fmt if fmt in ML_DAT else _ml_dataset(path.parent, "ml-1m"), [path],
-                      _sibling(path, "movies.dat"))
-    if kind == "ml-csv":
-        return Source("ml-csv", fmt if fmt in ML_CSV else _ml_dataset(path.parent, "ml-latest"),
-                      [path], _sibling(path, "movies.csv"))
-    if kind == "anime":
-        return Source("anime", "anime", [path], _sibling(path, "anime.csv"))
-    if kind == "ncf":
-        return Source("ncf", "ncf-" + _strip_gz(path.name).split(".train.rating")[0], [path])
-    return Source("csv", "csv", [path])
-
-
-# --------------------------------------------------------------------------- reading
-
-def read_source(src: Source, cfg: Config, sink=None) -> readers.RawRatings:
-    items = None
-    n_unrated = 0
-    scale: tuple[float, float]
-    if src.fmt in ("netflix", "netflix-combined"):
-        if src.fmt == "netflix":
-            from tqdm import tqdm
-            prog = (lambda it: tqdm(it, desc="netflix files", unit="file",
-                                    disable=progress_disabled() or len(src.files) < 200))
-            table = readers.read_netflix_files(src.files, prog, sink)
-        else:
-            table = readers.read_netflix_combined(src.files, sink)
-        scale = (1.0, 5.0)
-        if src.extra is not None:
-            items = readers.read_netflix_titles(src.extra)
-        else:
-            log.info("no movie_titles.txt found next to the input (pass --titles): no items.parquet")
-        fmt = "netflix"
-    elif src.fmt == "ml-100k":
-        table, items = readers.read_ml100k(src.files[0], src.extra)
-        scale, fmt = (1.0, 5.0), "ml-100k"
-    elif src.fmt == "ml-dat":
-        scale = (1.0, 5.0) if src.dataset == "ml-1m" else (0.5, 5.0)
-        table, items = readers.read_ml_dat(src.files[0], src.extra, scale)
-        fmt = "movielens-dat"
-    elif src.fmt == "ml-csv":
-        table, items = readers.read_ml_csv(src.files[0], src.extra)
-        scale, fmt = (0.5, 5.0), "movielens-csv"
-    elif src.fmt == "anime":
-        table, items, n_unrated = readers.read_anime(src.files[0], src.extra, cfg.keep_unrated)
-        scale, fmt = (1.0, 10.0), "anime"
-    elif src.fmt == "ncf":
-        table = readers.read_ncf(src.files[0])
-        r = table.column("rating")
-        scale = tuple(cfg.rating_scale) if cfg.rating_scale else (
-            float(pc.min(r).as_py()), float(pc.max(r).as_py()))
-        if cfg.rating_scale:
-            seg = readers.Segment(src.files[0], 1, table.num_rows)
-            readers._check_range(r.to_numpy(), scale[0], scale[1], [seg],
-                                 f"ratings within [{scale[0]:g}, {scale[1]:g}] (--rating-scale)")
-        fmt = "ncf"
-    else:
-        table, scale = readers.read_generic(src.files[0], cfg.columns, cfg.sep, cfg.header,
-                                            tuple(cfg.rating_scale) if cfg.rating_scale else None)
-        fmt = "csv"
-    dropped = {"unrated": n_unrated if not cfg.keep_unrated else 0}
-    return readers.RawRatings(table, items, fmt, src.dataset, _inputs(src), scale, n_unrated, dropped)
-
-
-def _inputs(src: Source) -> list[str]:
-    """The input files for the manifest; thousands of per-movie files are summarised."""
-    files = [str(p) for p in src.files]
-    if len(files) > 10:
-        files = [f"{src.files[0].parent}/{src.files[0].name} .. {src.files[-1].name} "
-                 f"({len(files)} files)"]
-    return files + ([str(src.extra)] if src.extra else [])
+    if not path.is_dir():
+        return formats.source(_sniff_file(path, fmt), [path], fmt, titles_path)
+    for entry in formats.REGISTRY.values():
+        if (fmt == "auto" or fmt in entry.formats) and entry.find is not None:
+            files = entry.find(path)
+            if files:
+                return formats.source(entry, files, fmt, titles_path)
+    found = sorted(p.name for p in path.iterdir())[:12]
+    want = EXPECTED_FOLDER if fmt == "auto" else f"the files of format {fmt}"
+    raise PipelineError(f"{path}: cannot find ratings in this folder (it holds {found}); "
+                        f"expected {want}; point --input at the ratings file, or pass "
+                        f"--format csv --columns U,I,R[,T] for your own CSV")
 
 
 def _extract_zip(path: Path, into: Path) -> Path:
@@ -373,22 +199,22 @@ def _read_input(cfg: Config, sink) -> readers.RawRatings:
         from .demo import DemoSpec, ensure_demo
         folder = ensure_demo(data_dir / "raw" / "demo",
                              DemoSpec(cfg.seed, cfg.demo_users, cfg.demo_items, cfg.demo_ratings))
-        src = Source("netflix", "demo", _glob(folder / "training_set", "mv_*.txt"),
+        src = Source("netflix", "demo", formats.glob(folder / "training_set", "mv_*.txt"),
                      folder / "movie_titles.txt")
-        return read_source(src, cfg, sink)
+        return formats.read(src, cfg, sink)
     path = Path(inp)
     if path.is_file() and path.suffix.lower() == ".zip":
         with tempfile.TemporaryDirectory(prefix="recpipe-zip-") as tmp:
             root = _extract_zip(path, Path(tmp))
             try:
                 src = detect(root, fmt, cfg.titles)
-                raw = read_source(src, cfg, sink)
+                raw = formats.read(src, cfg, sink)
             except PipelineError as e:
                 raise PipelineError(str(e).replace(tmp, f"{path}:")) from None
             raw.inputs = [s.replace(tmp, f"{path}:") for s in raw.inputs]
             return raw
     src = detect(path, fmt, cfg.titles)
-    return read_source(src, cfg, sink)
+    return formats.read(src, cfg, sink)
 
 
 def run(cfg: Config, argv: Sequence[str] | None) -> Path:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-DEFAULT_TASK = {"mf": "explicit", "deepmf": "explicit", "gmf": "implicit", "mlp": "implicit",
-                "neumf": "implicit"}
+DEFAULT_MODEL = "mf"        # --model of stages 60 and 70 when not given
+# A family's default task is its class attribute ``default_task`` (models.py).
 
 _COMMON: dict[str, Any] = {
     "optimizer": "adam", "momentum": 0.9, "lr_schedule": "plateau", "lr_decay": 0.5,
@@ -50,4 +50,7 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
 
 def preset(model: str, task: str) -> dict[str, Any]:
     """The full set of defaults for ``model`` trained on ``task``."""
+    if (model, task) not in PRESETS:
+        raise KeyError(f"no preset row for model {model!r} and task {task!r} in "
+                       f"recpipe/presets.py; add one (see docs/presets.md)")
     return {**_COMMON, **PRESETS[(model, task)]}

@@ -17,9 +17,7 @@ Everything that ranks is deterministic: equal scores are broken by the lower ite
 """
 from __future__ import annotations
 
-import copy
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +28,17 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from .artifacts import MANIFEST, read_manifest, read_parquet, stage_dir, write_parquet
+import models as _models  # noqa: F401 - registers the built-in families
+from .artifacts import MANIFEST, read_manifest, read_parquet, stage_dir
+from .checkpoint import load_model as _load_checkpoint, resolve_device
 from .cli import PipelineError, command_line, opt, parse_config, print_config, set_seed
+from .family import REGISTRY, Family
+from .objectives import for_task
+from .presets import DEFAULT_MODEL
+from .rawio import (TITLE_WIDTH, _ids_are_integers, _py, _take,  # noqa: F401 (re-exports)
+                    item_columns, item_table, lookup, parse_raw_id, read_ratings_file,
+                    read_users_file, show, split_fields, write_table)
+from .scoring import rank_items as _rank_items, top_k as _top_k
 
 log = logging.getLogger("recpipe")
 
@@ -40,15 +47,13 @@ DESCRIPTION = ("Use a trained model (stage 60): top-k recommendations for a know
                "(--user), for a new user from a ratings file without retraining (--ratings), "
                "items similar to an item (--similar-to), or top-k for many users written to a "
                "file (--batch ... --out).")
-MODEL_NAMES = ["mf", "deepmf", "gmf", "mlp", "neumf"]
 MODES = ("user", "ratings", "similar_to", "batch")
-TITLE_WIDTH = 60
 
 
 @dataclass
 class RecommendConfig:
-    model: str = opt("mf", "trained model to use: reads DATA_DIR/60_train/MODEL/model.pt",
-                     choices=MODEL_NAMES)
+    model: str = opt(DEFAULT_MODEL, "trained model to use: reads DATA_DIR/60_train/MODEL/model.pt",
+                     choices=REGISTRY)
     data_dir: Path = opt(Path("data"), "pipeline data folder (the --data-dir of stages 10-60)")
     user: Optional[str] = opt(None, "MODE: recommend for this raw user id (as in the source "
                                     "ratings file)")
@@ -69,8 +74,9 @@ class RecommendConfig:
                                "labelled as a non-personalised fallback")
     device: str = opt("auto", "where to score: auto picks cuda when available",
                       choices=["auto", "cpu", "cuda"])
-    foldin_steps: int = opt(300, "--ratings with models other than explicit mf: Adam steps on "
-                                 "the new user's row")
+    foldin_steps: int = opt(300, "--ratings with models folded in by Adam (the default fold-in; "
+                                 "explicit mf solves in closed form): steps on the new user's "
+                                 "row")
     foldin_lr: float = opt(0.05, "--ratings: Adam learning rate of the fold-in")
     foldin_negatives: int = opt(4, "--ratings with implicit models: sampled negatives per given "
                                    "item, redrawn every step")
@@ -140,12 +146,7 @@ class Recommender:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("--device cuda: no CUDA device is available here; use --device cpu "
-                            "or --device auto")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    return resolve_device(name)
 
 
 def train_command(model_name: str, data_dir: Path) -> str:
@@ -153,11 +154,9 @@ def train_command(model_name: str, data_dir: Path) -> str:
 
 
 def load_model(model_dir: Path, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model in ``model_dir/model.pt`` (stage 60's loader: weights_only, eval mode) with
-    every parameter frozen, and the checkpoint's metadata."""
-    from .train import load_model as stage60_load
-    model, meta = stage60_load(model_dir, device)
-    model.to(device).eval()
+    """The model in ``model_dir/model.pt`` (weights_only, eval mode) with every parameter
+    frozen, and the checkpoint's metadata."""
+    model, meta = _load_checkpoint(model_dir, device)
     for p in model.parameters():
         p.requires_grad_(False)
     return model, meta
@@ -204,100 +203,30 @@ def load_recommender(data_dir: Path, model_name: str, device: torch.device) -> R
 
 
 # --------------------------------------------------------------------------------------------
-# Raw ids
-# --------------------------------------------------------------------------------------------
-
-def _ids_are_integers(series: pd.Series) -> bool:
-    return pd.api.types.is_integer_dtype(series.dtype)
-
-
-def _py(x: Any) -> Any:
-    """A numpy scalar as the plain Python value (so messages show 101, not np.int64(101))."""
-    return x.item() if isinstance(x, np.generic) else x
-
-
-def parse_raw_id(text: str, series: pd.Series, what: str) -> Any:
-    """``text`` in the dtype of the raw id column ``series`` (int64 ids or strings).
-
-    Returns None when an integer id column is given a non-integer (it cannot be in the map).
-    """
-    text = text.strip()
-    if _ids_are_integers(series):
-        try:
-            return int(text)
-        except ValueError:
-            return None
-    return text
-
-
-def lookup(index: pd.Index, raw_ids: Sequence[Any]) -> np.ndarray:
-    """Positions of ``raw_ids`` in ``index``, -1 where absent (vectorised)."""
-    if len(raw_ids) == 0:
-        return np.empty(0, dtype=np.int64)
-    values = pd.Index(pd.array(list(raw_ids), dtype=index.dtype)) if len(index) else pd.Index([])
-    return index.get_indexer(values).astype(np.int64)
-
-
-# --------------------------------------------------------------------------------------------
 # Ranking
 # --------------------------------------------------------------------------------------------
 
 def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k per row of ``scores`` [U, N], ties broken by the lower column index.
-
-    Returns (values [U, k'], indices [U, k']) with k' = min(k, N), sorted best first. One
-    ``topk``; rows where a tie straddles the cut are redone with a stable full sort.
-    """
-    if torch.isnan(scores).any():
+    """``scoring.top_k`` (ties: the lower item index); NaN scores are a user-level error."""
+    try:
+        return _top_k(scores, k)
+    except FloatingPointError:
         raise PipelineError("the model produced NaN scores; its weights are broken: retrain it "
-                            "with 60_train.py")
-    k = min(k, scores.shape[1])
-    vals, idx = torch.topk(scores, k, dim=1, sorted=True)
-    # within the selection: order by (score desc, index asc) regardless of topk's tie order
-    o = torch.argsort(idx, dim=1)
-    idx, vals = idx.gather(1, o), vals.gather(1, o)
-    o = torch.sort(vals, dim=1, descending=True, stable=True).indices
-    idx, vals = idx.gather(1, o), vals.gather(1, o)
-    # a tie across the cut: topk may have kept a higher index than an equal one it dropped
-    straddle = (scores >= vals[:, -1:]).sum(1) > k
-    if bool(straddle.any()):
-        rows = straddle.nonzero().squeeze(1)
-        s = torch.sort(scores[rows], dim=1, descending=True, stable=True)
-        vals[rows], idx[rows] = s.values[:, :k], s.indices[:, :k]
-    return vals, idx
+                            "with 60_train.py") from None
 
 
-@torch.inference_mode()
 def rank_items(model: torch.nn.Module, user_rows: np.ndarray, exclude: sp.csr_matrix, k: int,
-               device: torch.device, chunk_users: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k items per user over all items, items in ``exclude`` rows masked with -inf.
-
-    ``user_rows`` are rows of the model's user tables; ``exclude`` is a CSR [len(user_rows),
-    n_items] of items to leave out. Returns (items int64 [U, k'], scores float32 [U, k']);
-    items are -1 (score -inf) where a user has fewer than k items left.
-    """
-    n_items = exclude.shape[1]
-    U = len(user_rows)
-    k_eff = min(k, n_items)
-    out_items = np.full((U, k_eff), -1, dtype=np.int64)
-    out_scores = np.full((U, k_eff), -np.inf, dtype=np.float32)
-    all_items = torch.arange(n_items, device=device).unsqueeze(0)
-    from .train import users_per_block
-    step = users_per_block(n_items, device, chunk_users, per_pair=hasattr(model, "tower"))
-    for a in range(0, U, step):
-        b = min(U, a + step)
-        users = torch.as_tensor(user_rows[a:b], dtype=torch.long, device=device).unsqueeze(1)
-        scores = model(users, all_items).float()
-        sub = exclude[a:b]
-        if sub.nnz:
-            rows = np.repeat(np.arange(b - a), np.diff(sub.indptr))
-            scores[torch.as_tensor(rows, device=device),
-                   torch.as_tensor(sub.indices, dtype=torch.long, device=device)] = -torch.inf
-        vals, idx = top_k(scores, k_eff)
-        vals, idx = vals.cpu().numpy(), idx.cpu().numpy()
-        idx[~np.isfinite(vals)] = -1
-        out_items[a:b], out_scores[a:b] = idx, vals
-    return out_items, out_scores
+               device: torch.device, chunk_users: int = 0,
+               history: sp.csr_matrix | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k items per user over all items, the items in ``exclude`` rows left out
+    (``scoring.rank_items``, the loop stage 60's evaluation uses). ``history`` (aligned with
+    ``user_rows``) feeds row-input families; by default the excluded items are it."""
+    try:
+        return _rank_items(model, user_rows, exclude, k, device, chunk_users,
+                           exclude if history is None else history)
+    except FloatingPointError:
+        raise PipelineError("the model produced NaN scores; its weights are broken: retrain it "
+                            "with 60_train.py") from None
 
 
 def popularity(rec: Recommender) -> np.ndarray:
@@ -318,6 +247,10 @@ def popular_items(rec: Recommender, k: int, exclude: np.ndarray | None = None
 
 @torch.inference_mode()
 def item_unit_vectors(model: torch.nn.Module) -> torch.Tensor:
+    if not getattr(model, "has_item_vectors", True):
+        raise PipelineError(f"model family {getattr(model, 'name', type(model).__name__)!r} has "
+                            f"no item vectors: --similar-to and --explain need a model that has "
+                            f"them")
     v = model.item_vectors().float()
     return v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
@@ -366,11 +299,11 @@ def explain(model: torch.nn.Module, recommended: np.ndarray, own_items: np.ndarr
 # --------------------------------------------------------------------------------------------
 
 def user_embeddings(model: torch.nn.Module) -> dict[str, torch.nn.Embedding]:
-    found = {n: m for n, m in model.named_children() if n.startswith("user_")}
-    bad = [n for n, m in found.items() if not isinstance(m, torch.nn.Embedding)]
-    if not found or bad:
-        raise PipelineError(f"model {type(model).__name__} does not keep its user side in "
-                            f"user_* embeddings (found {sorted(found)}); fold-in is not possible")
+    """The user tables the family declares (what a fold-in replaces)."""
+    found = model.user_tables()
+    if not found:
+        raise PipelineError(f"model {type(model).__name__} declares no user tables; fold-in "
+                            f"is not possible")
     return found
 
 
@@ -385,307 +318,48 @@ def training_l2(meta: dict[str, Any]) -> float:
     return float(value)
 
 
-def with_user_rows(model: torch.nn.Module, rows: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A copy of ``model`` (item side shared, frozen) whose user tables are ``rows``."""
-    folded = copy.copy(model)            # shallow: shares every item-side module and buffer
-    folded._modules = dict(model._modules)
-    for name, w in rows.items():
-        emb = torch.nn.Embedding(w.shape[0], w.shape[1], device=w.device)
-        emb.weight = torch.nn.Parameter(w.detach().clone(), requires_grad=False)
-        folded._modules[name] = emb
-    folded.n_users = next(iter(rows.values())).shape[0]
-    folded.eval()
-    return folded
-
-
 @dataclass
 class FoldIn:
-    """New users folded into a trained model: rows 0..U-1 of ``model``'s user tables."""
+    """New users folded into a trained model: rows 0..U-1 of ``model``'s user side."""
     model: torch.nn.Module
     method: str        # a sentence for the output: what was done
     loss: float | None = None
 
 
-def fold_in_mf_closed_form(model: torch.nn.Module, l2: float, users: np.ndarray,
-                           items: np.ndarray, ratings: np.ndarray, n_users: int) -> FoldIn:
-    """Biased MF, explicit: per new user, ridge regression for [p_u, b_u] with q_i, b_i fixed.
-
-    The model predicts r = mu + s * (b_u + b_i + p_u.q_i) (s: the train ratings' std) and stage
-    60 minimises, per sample, ((r - r_hat) / s)^2 + reg * (|p_u|^2 + b_u^2 + item rows). Kept
-    to one user's terms, with z_i = (r_i - mu) / s - b_i and x_i = [q_i, 1], that is
-    sum_i (z_i - x_i.theta)^2 + reg * n_u * |theta|^2, solved exactly (float64, all users at
-    once): theta = (X'X + reg * n_u * I)^-1 X'z.
-    """
-    dev = model.item_factors.weight.device
-    q = model.item_factors.weight.double()
-    bi = model.item_bias.weight.double()[:, 0]
-    mu = float(model.global_mean)
-    scale = float(getattr(model, "scale", torch.tensor(1.0)))
-    it = torch.tensor(np.asarray(items, dtype=np.int64), device=dev)
-    us = torch.tensor(np.asarray(users, dtype=np.int64), device=dev)
-    x = torch.cat([q[it], torch.ones(len(it), 1, dtype=torch.float64, device=dev)], dim=1)
-    r = torch.tensor(np.asarray(ratings, dtype=np.float64), device=dev)
-    z = (r - mu) / scale - bi[it]
-    d = x.shape[1]
-    A = torch.zeros(n_users, d, d, dtype=torch.float64, device=dev)
-    A.index_add_(0, us, x.unsqueeze(2) * x.unsqueeze(1))
-    rhs = torch.zeros(n_users, d, dtype=torch.float64, device=dev).index_add_(0, us, x * z[:, None])
-    counts = torch.bincount(us, minlength=n_users).double()
-    lam = (l2 * counts).clamp_min(1e-8)          # tiny floor keeps one-rating users solvable
-    A = A + lam[:, None, None] * torch.eye(d, dtype=torch.float64, device=dev)
-    theta = torch.linalg.solve(A, rhs)
-    rows = {"user_factors": theta[:, :-1].float(), "user_bias": theta[:, -1:].float()}
-    method = (f"biased MF fold-in: solved the new user's {d - 1} factors and bias in closed form "
-              f"(ridge regression with the item factors and biases fixed; L2 {l2:g} per rating "
-              f"as in training)")
-    return FoldIn(with_user_rows(model, rows), method)
+def _objective(model: torch.nn.Module, task: str, negatives: int):
+    return for_task(task, scale=float(getattr(model, "scale", torch.tensor(1.0))),
+                    n_negatives=negatives)
 
 
 def fold_in_adam(model: torch.nn.Module, task: str, l2: float, users: np.ndarray,
                  items: np.ndarray, ratings: np.ndarray, n_users: int, steps: int, lr: float,
                  negatives: int, seed: int) -> FoldIn:
-    """Any model: fresh user rows (started at the mean trained user), item side frozen, fitted
-    by ``steps`` full-batch Adam steps on all new users at once.
-
-    Explicit: MSE on the given ratings. Implicit: binary cross-entropy with the given items as
-    positives and ``negatives`` items per positive drawn uniformly each step (draws that hit one
-    of the user's given items are left out of the loss). L2 as in training: l2 * |row|^2 per
-    fitted example, the squared error divided by the model's scale (the ratings' std) as in
-    stage 60.
-    """
-    dev = next(model.parameters()).device
-    scale = float(getattr(model, "scale", torch.tensor(1.0)))
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    tables = user_embeddings(model)
-    params = {}
-    for name, emb in tables.items():
-        w = emb.weight.detach()
-        start = w.mean(0, keepdim=True).repeat(n_users, 1)
-        noise = torch.randn(start.shape, generator=gen).to(dev) * 0.01 * w.std().clamp_min(1e-6)
-        params[name] = torch.nn.Parameter(start + noise)
-    folded = with_user_rows(model, {n: p.detach() for n, p in params.items()})
-    for name, p in params.items():                    # train the very tensors the copy uses
-        folded._modules[name].weight = p
-    opt = torch.optim.Adam(params.values(), lr=lr)
-    frozen = [(p, p.requires_grad) for p in model.parameters()]
-    us = torch.tensor(np.asarray(users, dtype=np.int64), device=dev)
-    it = torch.tensor(np.asarray(items, dtype=np.int64), device=dev)
-    r = torch.tensor(np.asarray(ratings, dtype=np.float32), device=dev)
-    n_items = int(model.item_vectors().shape[0])
-    threads = torch.get_num_threads()
+    """The default fold-in (``Family.fold_in``: Adam steps on fresh user rows, the rest
+    frozen, on the training objective), whatever the family's own fold-in is."""
     try:
-        for p, _ in frozen:                           # the item side and network stay fixed
-            p.requires_grad_(False)
-        if dev.type == "cpu":
-            # a few thousand rows per step: thread start-up and sync cost more than they save
-            # (40x slower with 2 threads on a busy 2-core machine)
-            torch.set_num_threads(1)
-        loss_v = _adam_steps(folded, params, opt, task, us, it, r, scale, l2, n_users, n_items,
-                             steps, negatives, gen)
-    finally:
-        torch.set_num_threads(threads)
-        for p, flag in frozen:
-            p.requires_grad_(flag)
-    if not np.isfinite(loss_v):
-        raise PipelineError(f"fold-in diverged (loss {loss_v}); try a smaller --foldin-lr "
-                            f"(now {lr:g})")
-    folded = with_user_rows(model, {n: p.detach() for n, p in params.items()})
-    what = ("the given items as positives plus "
-            f"{negatives} sampled negatives each (binary cross-entropy)" if task == "implicit"
-            else "squared error on the given ratings")
-    method = (f"{type(model).__name__} fold-in: optimised a fresh user row "
-              f"({', '.join(sorted(params))}) with the item side and network frozen: {steps} Adam "
-              f"steps (lr {lr:g}) on {what}, L2 {l2:g} as in training; final loss {loss_v:.4f}")
-    return FoldIn(folded, method, loss_v)
-
-
-def _adam_steps(folded: torch.nn.Module, params: dict[str, torch.nn.Parameter],
-                opt: torch.optim.Optimizer, task: str, us: torch.Tensor, it: torch.Tensor,
-                r: torch.Tensor, scale: float, l2: float, n_users: int, n_items: int,
-                steps: int, negatives: int, gen: torch.Generator) -> float:
-    """The optimisation loop of fold_in_adam; returns the last loss."""
-    dev = us.device
-    bce = torch.nn.functional.binary_cross_entropy_with_logits
-    if task == "implicit":
-        given = torch.zeros(n_users, n_items, dtype=torch.bool, device=dev)
-        given[us, it] = True
-    per_user = torch.bincount(us, minlength=n_users).float()
-    if task == "implicit":
-        per_user = per_user * (1 + negatives)     # the row is used by every pos and neg sample
-    loss_v = float("nan")
-    with torch.enable_grad():
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            if task == "explicit":               # stage 60's loss: standardised squared error
-                loss = ((folded(us, it) - r) / scale).square().mean()
-                n_fit = len(us)
-            else:
-                neg = torch.randint(0, n_items, (len(us), negatives), generator=gen).to(dev)
-                neg_u = us[:, None].expand_as(neg)
-                ok = ~given[neg_u, neg]
-                logit_pos = folded(us, it)
-                logit_neg = folded(neg_u, neg)
-                lp = bce(logit_pos, torch.ones_like(logit_pos), reduction="none")
-                ln = bce(logit_neg, torch.zeros_like(logit_neg), reduction="none") * ok
-                n_fit = len(us) + ok.sum()
-                loss = (lp.sum() + ln.sum()) / n_fit
-            if l2 > 0:
-                reg = sum((per_user * p.square().sum(1)).sum() for p in params.values())
-                loss = loss + l2 * reg / n_fit
-            loss.backward()
-            opt.step()
-            loss_v = float(loss.detach())
-    return loss_v
+        folded, method = Family.fold_in(model, _objective(model, task, negatives), l2, users,
+                                        items, ratings, n_users, steps, lr, seed)
+    except FloatingPointError as e:
+        raise PipelineError(str(e)) from None
+    return FoldIn(folded, method)
 
 
 def fold_in(rec: Recommender, users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
             n_users: int, steps: int = 300, lr: float = 0.05, negatives: int = 4,
             seed: int = 0) -> FoldIn:
     """Fold ``n_users`` new users (``users`` in 0..n_users-1, one entry per given rating) into
-    the trained model without retraining it; the closed form for explicit biased MF."""
-    l2 = training_l2(rec.meta)
-    if rec.name == "mf" and rec.task == "explicit":
-        return fold_in_mf_closed_form(rec.model, l2, users, items, ratings, n_users)
-    return fold_in_adam(rec.model, rec.task, l2, users, items, ratings, n_users, steps, lr,
-                        negatives, seed)
-
-
-def split_fields(line: str) -> list[str]:
-    """The fields of a CSV (comma or semicolon), TSV or whitespace-separated line."""
-    for sep in (",", "\t", ";"):
-        if sep in line:
-            return [f.strip().strip('"').strip("'").strip() for f in line.split(sep)]
-    return line.split()
-
-
-def read_ratings_file(path: Path, rec: Recommender) -> tuple[pd.DataFrame, list[tuple[int, str]]]:
-    """A new user's ``raw_item_id, rating`` lines (CSV, TSV or whitespace; header optional).
-
-    Returns (known: DataFrame item_idx, raw_item_id, rating; unknown: [(line, raw id)]).
-    Malformed lines raise PipelineError naming file:line.
-    """
-    path = Path(path)
+    the trained model without retraining it: the family's own ``fold_in``."""
+    objective = _objective(rec.model, rec.task, negatives)
     try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise PipelineError(f"--ratings {path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise PipelineError(f"--ratings {path}: cannot read ({e})") from None
-    lo, hi = rec.rating_scale
-    item_col = rec.items["raw_item_id"]
-    raws, vals, lines = [], [], []
-    seen_data = False
-    for no, line in enumerate(text.splitlines(), start=1):
-        s = line.strip()
-        if not s or s.startswith("#"):
-            continue
-        fields = split_fields(s)
-        if len(fields) != 2 or not all(fields):
-            raise PipelineError(f"{path}:{no}: expected 2 fields 'raw_item_id, rating', got "
-                                f"{len(fields)} in {s!r}" + ("" if all(fields) else
-                                                             " (an empty field)"))
-        raw, rating_text = fields
-        try:
-            rating = float(rating_text)
-        except ValueError:
-            header = not seen_data and (not _ids_are_integers(item_col)
-                                        or parse_raw_id(raw, item_col, "item") is None)
-            seen_data = True
-            if header:               # e.g. 'item,rating' or 'movieId\trating'
-                continue
-            raise PipelineError(f"{path}:{no}: rating {rating_text!r} is not a number; expected "
-                                f"a rating in [{lo:g}, {hi:g}]")
-        seen_data = True
-        if not np.isfinite(rating) or (np.isfinite(lo) and not lo <= rating <= hi):
-            raise PipelineError(f"{path}:{no}: rating {rating_text!r} is outside this dataset's "
-                                f"rating scale [{lo:g}, {hi:g}]")
-        rid = parse_raw_id(raw, item_col, "item")
-        if rid is None:
-            raise PipelineError(f"{path}:{no}: item id {raw!r} is not an integer; this "
-                                f"dataset's raw item ids are integers")
-        raws.append(rid)
-        vals.append(rating)
-        lines.append(no)
-    if not raws:
-        raise PipelineError(f"{path}: no ratings found; expected lines 'raw_item_id, rating'")
-    df = pd.DataFrame({"raw_item_id": pd.array(raws, dtype=item_col.dtype),
-                       "rating": np.asarray(vals, dtype=np.float32),
-                       "line": np.asarray(lines, dtype=np.int64)})
-    dup = df["raw_item_id"].duplicated(keep=False)
-    if dup.any():
-        first = _py(df[dup].iloc[0]["raw_item_id"])
-        at = df.loc[df["raw_item_id"] == first, "line"].tolist()
-        raise PipelineError(f"{path}:{at[1]}: item {first!r} is rated more than once (lines "
-                            f"{', '.join(map(str, at))}); keep one rating per item")
-    df["item_idx"] = lookup(rec.item_index(), df["raw_item_id"].tolist())
-    unknown = [(int(l), str(r)) for l, r in
-               zip(df.loc[df.item_idx < 0, "line"], df.loc[df.item_idx < 0, "raw_item_id"])]
-    known = df[df.item_idx >= 0].reset_index(drop=True)
-    return known[["item_idx", "raw_item_id", "rating"]], unknown
-
-
-# --------------------------------------------------------------------------------------------
-# Output
-# --------------------------------------------------------------------------------------------
-
-def _take(col: pd.Series, positions: np.ndarray) -> pd.Series:
-    """``col`` at ``positions``, dtype kept (nullable years stay Int32, ids int64/str)."""
-    return col.iloc[np.asarray(positions, dtype=np.int64)].reset_index(drop=True)
-
-
-def item_columns(rec: Recommender, items: np.ndarray) -> dict[str, pd.Series]:
-    """raw_item_id and, where the data has them, title and year of ``items``."""
-    return {c: _take(rec.items[c], items) for c in ("raw_item_id", "title", "year")
-            if c in rec.items.columns}
-
-
-def item_table(rec: Recommender, items: np.ndarray, scores: np.ndarray, score_name: str
-               ) -> pd.DataFrame:
-    """rank, raw_item_id, [title, year], score for valid (>= 0) ``items``."""
-    keep = items >= 0
-    items, scores = items[keep], scores[keep]
-    df = pd.DataFrame({"rank": np.arange(1, len(items) + 1, dtype=np.int32),
-                       **item_columns(rec, items)})
-    df[score_name] = np.asarray(scores, dtype=np.float32)
-    return df
-
-
-def show(df: pd.DataFrame, title: str) -> None:
-    """Print a heading and a readable table on stdout."""
-    view = df.copy()
-    if "title" in view.columns:
-        view["title"] = view["title"].astype("string").fillna("").map(
-            lambda t: t if len(t) <= TITLE_WIDTH else t[: TITLE_WIDTH - 3] + "...")
-    if "year" in view.columns:
-        view["year"] = view["year"].astype("string").fillna("")
-    for c in view.columns:
-        if pd.api.types.is_float_dtype(view[c].dtype):
-            view[c] = view[c].map(lambda x: f"{x:.4f}")
-    print(title)
-    print(view.to_string(index=False) if len(view) else "(no items)")
-
-
-def write_table(df: pd.DataFrame, path: Path) -> None:
-    """Write ``df`` as CSV or Parquet (by extension), atomically."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        if path.suffix.lower() == ".parquet":
-            write_parquet(df, tmp)
-        else:
-            df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise PipelineError(f"--out {path}: cannot write ({e.strerror or e})") from None
-    log.info("wrote %d rows to %s", len(df), path)
+        folded, method = rec.model.fold_in(objective, training_l2(rec.meta), users, items,
+                                           ratings, n_users, steps, lr, seed)
+    except FloatingPointError as e:
+        raise PipelineError(str(e)) from None
+    return FoldIn(folded, method)
 
 
 def _score_label(rec: Recommender) -> tuple[str, str]:
-    if rec.task == "explicit":
-        lo, hi = rec.rating_scale
-        return "score", f"score = predicted rating (scale {lo:g}-{hi:g}, not clipped)"
-    return "score", "score = the model's logit for an interaction"
+    return "score", for_task(rec.task).score_label(rec.rating_scale)
 
 
 def _explain_column(rec: Recommender, reasons: list[list[tuple[int, float, float]]]) -> list[str]:
@@ -812,43 +486,6 @@ def recommend_similar(rec: Recommender, cfg: RecommendConfig) -> pd.DataFrame:
                                          and pd.notna(what["title"]) else "")
     show(df, f"{len(df)} items most similar to {name} (model {rec.name}: cosine of item vectors)")
     return df
-
-
-def read_users_file(spec: str, rec: Recommender) -> tuple[list[Any], list[int]]:
-    """Raw user ids from ``spec`` ('all' or a file: first field per line, header optional)."""
-    col = rec.users["raw_user_id"]
-    if spec == "all":
-        return col.tolist(), []
-    path = Path(spec)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise PipelineError(f"--batch {spec}: file not found; give a file of raw user ids or "
-                            f"'all'") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise PipelineError(f"--batch {spec}: cannot read ({e})") from None
-    raws: list[Any] = []
-    lines: list[int] = []
-    seen = False
-    for no, line in enumerate(text.splitlines(), start=1):
-        s = line.strip()
-        if not s or s.startswith("#"):
-            continue
-        first = split_fields(s)[0]
-        rid = parse_raw_id(first, col, "user")
-        if not seen and (rid is None or first.lower() in
-                         ("raw_user_id", "user_id", "user", "userid")):
-            seen = True          # header
-            continue
-        seen = True
-        if rid is None:
-            raise PipelineError(f"{path}:{no}: user id {first!r} is not an integer; this "
-                                f"dataset's raw user ids are integers")
-        raws.append(rid)
-        lines.append(no)
-    if not raws:
-        raise PipelineError(f"{path}: no user ids found; expected one raw user id per line")
-    return raws, lines
 
 
 def recommend_batch(rec: Recommender, cfg: RecommendConfig) -> pd.DataFrame:

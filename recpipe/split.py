@@ -45,11 +45,10 @@ row of negatives is in ascending item order.
 """
 from __future__ import annotations
 
-import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -57,6 +56,7 @@ import pandas as pd
 from .artifacts import (StageOutput, dtypes_of, read_columns, read_manifest, read_parquet,
                         stage_dir, stage_manifest, write_parquet)
 from .cli import PipelineError, opt, parse_config, print_config, set_seed
+from .readers import read_ncf_test, read_probe
 
 log = logging.getLogger("recpipe")
 
@@ -74,50 +74,9 @@ DESCRIPTION = (
     "PREFIX.test.rating/.test.negative give test and its exact candidates). Valid/test "
     "ratings whose user or item has no train rating follow --unseen; all counts go to the "
     "manifest.")
-STRATEGIES = ("random", "user-random", "temporal-global", "temporal-user", "loo", "probe",
-              "kfold", "ncf")
 IMPLICIT_STRATEGIES = ("loo", "ncf")
 TRAIN, VALID, TEST, DROPPED = 0, 1, 2, -1
 PART_NAMES = {TRAIN: "train", VALID: "valid", TEST: "test"}
-
-
-@dataclass
-class Config:
-    data_dir: Path = opt(Path("data"), "data folder holding the stage artifacts")
-    strategy: str = opt("random", "how to split (described above)", choices=STRATEGIES)
-    test_ratio: float = opt(0.1, "share of the ratings (per user for user-random/"
-                                 "temporal-user) that go to test")
-    valid_ratio: float = opt(0.1, "share of the remaining train ratings carved out as valid "
-                                  "(ratio strategies; 0 = no valid part)")
-    seed: int = opt(42, "random seed: the same seed gives the same split")
-    probe: Path | None = opt(None, "Netflix probe.txt for --strategy probe")
-    negatives: int = opt(99, "sampled negatives per held-out interaction (loo; ncf valid uses "
-                             "the test file's count)")
-    folds: int = opt(5, "number of folds for --strategy kfold")
-    fold: int = opt(0, "which fold (0-based) is test for --strategy kfold")
-    ncf_test: str | None = opt(None, "NCF file prefix for --strategy ncf: reads "
-                                     "PREFIX.test.rating and PREFIX.test.negative")
-    unseen: str = opt("auto", "valid/test ratings whose user or item has no train rating: "
-                              "drop or keep; auto = keep for loo/ncf, drop otherwise",
-                      choices=("auto", "drop", "keep"))
-
-    def validate(self) -> None:
-        if not 0.0 <= self.test_ratio < 1.0:
-            raise PipelineError(f"--test-ratio must be in [0, 1), got {self.test_ratio}")
-        if not 0.0 <= self.valid_ratio < 1.0:
-            raise PipelineError(f"--valid-ratio must be in [0, 1), got {self.valid_ratio}")
-        if self.negatives < 0:
-            raise PipelineError(f"--negatives must be >= 0, got {self.negatives}")
-        if self.strategy == "probe" and self.probe is None:
-            raise PipelineError("--strategy probe needs --probe PATH (a Netflix probe.txt)")
-        if self.strategy == "ncf" and not self.ncf_test:
-            raise PipelineError("--strategy ncf needs --ncf-test PREFIX (reads "
-                                "PREFIX.test.rating and PREFIX.test.negative)")
-        if self.strategy == "kfold":
-            if self.folds < 2:
-                raise PipelineError(f"--folds must be >= 2, got {self.folds}")
-            if not 0 <= self.fold < self.folds:
-                raise PipelineError(f"--fold must be in 0..{self.folds - 1}, got {self.fold}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -274,7 +233,8 @@ def _sample_chunk(cu: np.ndarray, n_neg: int, n_items: int, rated_keys: np.ndarr
 
 
 # ---------------------------------------------------------------------------------------
-# strategies: each returns part labels over the stage-20 ratings rows (+ details)
+# strategies: one signature, fn(ratings, cfg, ctx) -> SplitOutcome (part labels over the
+# stage-20 ratings rows + details); STRATEGIES maps each --strategy name to its function
 
 
 @dataclass
@@ -288,6 +248,39 @@ class Ratings:
     @property
     def n(self) -> int:
         return len(self.u)
+
+
+@dataclass
+class Context:
+    """What a strategy may need besides the ratings and the config: stage 20's raw id maps
+    (``raw_user_id`` / ``raw_item_id`` frames), given or read from ``id_dir`` on first use."""
+
+    users: pd.DataFrame | None = None
+    items: pd.DataFrame | None = None
+    id_dir: Path | None = None  # DATA_DIR/20_make_ids
+
+    def raw_ids(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        if self.users is None and self.id_dir is not None:
+            self.users = read_parquet(self.id_dir / "users.parquet",
+                                      columns=["raw_user_id"])["raw_user_id"].to_frame()
+        if self.items is None and self.id_dir is not None:
+            self.items = read_parquet(self.id_dir / "items.parquet",
+                                      columns=["raw_item_id"])["raw_item_id"].to_frame()
+        if self.users is None or self.items is None:
+            raise PipelineError("this strategy maps raw ids: it needs stage 20's users.parquet "
+                                "and items.parquet (run `python 20_make_ids.py`)")
+        return self.users, self.items
+
+
+@dataclass
+class SplitOutcome:
+    part: np.ndarray               # TRAIN / VALID / TEST / DROPPED per stage-20 rating row
+    details: dict[str, Any]
+    test: pd.DataFrame | None = None          # a test set given from outside (ncf files)
+    test_negatives: np.ndarray | None = None  # and its exact negatives
+
+
+Strategy = Callable[[Ratings, "Config", Context], SplitOutcome]
 
 
 def _rngs(seed: int) -> dict[str, np.random.Generator]:
@@ -309,22 +302,24 @@ def _carve_valid_random(part: np.ndarray, ratio: float, rng: np.random.Generator
     part[random_holdout(len(part), ratio, rng, among=pool)] = VALID
 
 
-def split_random(r: Ratings, test_ratio: float, valid_ratio: float, seed: int):
-    g = _rngs(seed)
+def split_random(r: Ratings, cfg: Config, ctx: Context) -> SplitOutcome:
+    g = _rngs(cfg.seed)
     part = np.full(r.n, TRAIN, dtype=np.int8)
-    part[random_holdout(r.n, test_ratio, g["split"])] = TEST
-    _carve_valid_random(part, valid_ratio, g["valid"])
-    return part, {}
+    part[random_holdout(r.n, cfg.test_ratio, g["split"])] = TEST
+    _carve_valid_random(part, cfg.valid_ratio, g["valid"])
+    return SplitOutcome(part, {})
 
 
-def split_user_random(r: Ratings, test_ratio: float, valid_ratio: float, seed: int):
-    g = _rngs(seed)
+def split_user_random(r: Ratings, cfg: Config, ctx: Context) -> SplitOutcome:
+    g = _rngs(cfg.seed)
     key = g["split"].integers(0, 2**31, r.n, dtype=np.int64)
-    part = per_user_holdout(r.u, key, np.arange(r.n), r.n_users, test_ratio, valid_ratio)
-    return part, {"rule": "per user: round(ratio * n_u) random ratings, >= 1 kept in train"}
+    part = per_user_holdout(r.u, key, np.arange(r.n), r.n_users, cfg.test_ratio, cfg.valid_ratio)
+    return SplitOutcome(part, {"rule": "per user: round(ratio * n_u) random ratings, >= 1 kept "
+                                       "in train"})
 
 
-def split_temporal_global(r: Ratings, test_ratio: float, valid_ratio: float, seed: int):
+def split_temporal_global(r: Ratings, cfg: Config, ctx: Context) -> SplitOutcome:
+    test_ratio, valid_ratio = cfg.test_ratio, cfg.valid_ratio
     ts = _need_ts(r, "temporal-global")
     part = np.full(r.n, TRAIN, dtype=np.int8)
     details: dict[str, Any] = {"rule": "test: timestamp >= cut-off; train: before it"}
@@ -348,7 +343,7 @@ def split_temporal_global(r: Ratings, test_ratio: float, valid_ratio: float, see
             f"{len(np.unique(ts))} distinct timestamps), so train would be empty; lower "
             f"--test-ratio/--valid-ratio or use --strategy random")
     details.update({"test_cutoff_timestamp": t_test, "valid_cutoff_timestamp": t_valid})
-    return part, details
+    return SplitOutcome(part, details)
 
 
 def _random_tiebreak(r: Ratings, seed: int) -> np.ndarray:
@@ -362,15 +357,16 @@ def _random_tiebreak(r: Ratings, seed: int) -> np.ndarray:
     return _rngs(seed)["tie"].permutation(r.n)
 
 
-def split_temporal_user(r: Ratings, test_ratio: float, valid_ratio: float, seed: int):
+def split_temporal_user(r: Ratings, cfg: Config, ctx: Context) -> SplitOutcome:
     ts = _need_ts(r, "temporal-user")
-    part = per_user_holdout(r.u, ts, _random_tiebreak(r, seed), r.n_users, test_ratio,
-                            valid_ratio)
-    return part, {"rule": "per user: the latest round(ratio * n_u) ratings (equal "
-                          "timestamps: seeded random order), >= 1 kept in train"}
+    part = per_user_holdout(r.u, ts, _random_tiebreak(r, cfg.seed), r.n_users, cfg.test_ratio,
+                            cfg.valid_ratio)
+    return SplitOutcome(part, {"rule": "per user: the latest round(ratio * n_u) ratings (equal "
+                                       "timestamps: seeded random order), >= 1 kept in train"})
 
 
-def split_loo(r: Ratings, seed: int):
+def split_loo(r: Ratings, cfg: Config, ctx: Context) -> SplitOutcome:
+    seed = cfg.seed
     g = _rngs(seed)
     if r.ts is not None:
         primary, order = r.ts, "timestamp (equal timestamps: seeded random order)"
@@ -383,70 +379,19 @@ def split_loo(r: Ratings, seed: int):
     part[eligible & (ranks == 0)] = TEST
     part[eligible & (ranks == 1)] = VALID
     n_small = int(((counts > 0) & (counts < 3)).sum())
-    return part, {"order": order, "min_interactions": 3, "n_users_train_only": n_small,
-                  "n_users_held_out": int((counts >= 3).sum())}
+    return SplitOutcome(part, {"order": order, "min_interactions": 3, "n_users_train_only": n_small,
+                               "n_users_held_out": int((counts >= 3).sum())})
 
 
-def split_kfold(r: Ratings, folds: int, fold: int, valid_ratio: float, seed: int):
+def split_kfold(r: Ratings, cfg: Config, ctx: Context) -> SplitOutcome:
+    folds, fold, seed = cfg.folds, cfg.fold, cfg.seed
     g = _rngs(seed)
     fold_of = np.empty(r.n, dtype=np.int64)
     fold_of[g["split"].permutation(r.n)] = np.arange(r.n) % folds
     part = np.where(fold_of == fold, TEST, TRAIN).astype(np.int8)
-    _carve_valid_random(part, valid_ratio, np.random.default_rng([seed, 1, fold]))
-    return part, {"folds": folds, "fold": fold,
-                  "fold_sizes": np.bincount(fold_of, minlength=folds).tolist()}
-
-
-# ---------------------------------------------------------------------------------------
-# Netflix probe.txt
-
-
-def _read_lines(path: Path, what: str) -> pd.Series:
-    """One string per line (Arrow-backed, no Python object per line), blank lines kept."""
-    if not path.exists():
-        raise PipelineError(f"{what} {path} does not exist; check the path")
-    if path.is_dir():
-        raise PipelineError(f"{what} {path} is a folder; expected a file")
-    try:
-        df = pd.read_csv(path, sep="\t", header=None, names=["line"], dtype="string[pyarrow]",
-                         skip_blank_lines=False, quoting=csv.QUOTE_NONE, engine="c",
-                         keep_default_na=False, na_filter=False, encoding="utf-8")
-    except pd.errors.EmptyDataError:
-        raise PipelineError(f"{path} is empty; expected {what} lines") from None
-    except pd.errors.ParserError as e:
-        raise PipelineError(f"{path}: {e}; expected one value per line ({what})") from None
-    except UnicodeDecodeError as e:
-        raise PipelineError(f"{path}: not a text file ({e.reason} at byte {e.start}); "
-                            f"expected {what}") from None
-    return df["line"].str.strip()
-
-
-def read_probe(path: Path) -> pd.DataFrame:
-    """Parse a Netflix probe.txt: ``MovieID:`` lines, each followed by CustomerID lines.
-
-    Returns raw_item_id, raw_user_id (strings of digits) and line (1-based) per pair.
-    """
-    s = _read_lines(path, "probe (`MovieID:` lines, then one CustomerID per line)")
-    blank = (s == "").to_numpy(dtype=bool)
-    if blank.all():
-        raise PipelineError(f"{path} is empty; expected `MovieID:` lines, each followed by "
-                            f"CustomerID lines (the Netflix probe.txt format)")
-    ok = s.str.fullmatch(r"\d+:?").fillna(False).to_numpy(dtype=bool) | blank
-    if not ok.all():
-        j = int(np.flatnonzero(~ok)[0])
-        raise PipelineError(
-            f"{path}:{j + 1}: {s.iat[j]!r} is not a `MovieID:` or CustomerID line; expected "
-            f"digits (a movie header ends with ':'), as in the Netflix probe.txt")
-    header = s.str.endswith(":").to_numpy(dtype=bool)
-    first = int(np.flatnonzero(~blank)[0])
-    if not header[first]:
-        raise PipelineError(f"{path}:{first + 1}: {s.iat[first]!r} is not a `MovieID:` header; "
-                            f"expected the file to start with one (e.g. `1:`)")
-    movie = s.str.rstrip(":").where(pd.Series(header, index=s.index)).ffill()
-    rows = ~header & ~blank
-    return pd.DataFrame({"raw_item_id": movie[rows].to_numpy(),
-                         "raw_user_id": s[rows].to_numpy(),
-                         "line": np.flatnonzero(rows) + 1})
+    _carve_valid_random(part, cfg.valid_ratio, np.random.default_rng([seed, 1, fold]))
+    return SplitOutcome(part, {"folds": folds, "fold": fold,
+                               "fold_sizes": np.bincount(fold_of, minlength=folds).tolist()})
 
 
 def _map_raw(raw_ids: pd.Series, values: Any) -> np.ndarray:
@@ -463,9 +408,11 @@ def _map_raw(raw_ids: pd.Series, values: Any) -> np.ndarray:
     return index.get_indexer(vals.astype(str))
 
 
-def split_probe(r: Ratings, probe_path: Path, users: pd.DataFrame, items: pd.DataFrame,
-                valid_ratio: float, seed: int):
-    g = _rngs(seed)
+def split_probe(r: Ratings, cfg: Config, ctx: Context) -> SplitOutcome:
+    """The (movie, customer) pairs of a Netflix probe.txt are test."""
+    probe_path = Path(cfg.probe)
+    users, items = ctx.raw_ids()
+    g = _rngs(cfg.seed)
     pr = read_probe(probe_path)
     pu = _map_raw(users["raw_user_id"], pr["raw_user_id"])
     pi = _map_raw(items["raw_item_id"], pr["raw_item_id"])
@@ -474,7 +421,7 @@ def split_probe(r: Ratings, probe_path: Path, users: pd.DataFrame, items: pd.Dat
     keys = pair_keys(r.u, r.i, r.n_items)
     is_test = in_sorted(keys, pk)
     part = np.where(is_test, TEST, TRAIN).astype(np.int8)
-    _carve_valid_random(part, valid_ratio, g["valid"])
+    _carve_valid_random(part, cfg.valid_ratio, g["valid"])
     n_known = int(known.sum())
     details = {"probe": str(probe_path), "probe_pairs": int(len(pr)),
                "unknown_user": int((pu < 0).sum()), "unknown_item": int((pi < 0).sum()),
@@ -491,89 +438,13 @@ def split_probe(r: Ratings, probe_path: Path, users: pd.DataFrame, items: pd.Dat
     if not is_test.any():
         raise PipelineError(f"{probe_path}: none of its {len(pr)} pairs is among the ratings "
                             f"of stage 20; expected the probe.txt of the same dataset")
-    return part, details
+    return SplitOutcome(part, details)
 
 
-# ---------------------------------------------------------------------------------------
-# NCF benchmark files
-
-
-def _ncf_int_table(path: Path, min_cols: int, what: str) -> pd.DataFrame:
-    if not path.exists():
-        raise PipelineError(f"{path} not found; --ncf-test PREFIX expects PREFIX.test.rating "
-                            f"and PREFIX.test.negative (e.g. --ncf-test data/ncf/ml-1m)")
-    try:
-        df = pd.read_csv(path, sep="\t", header=None, dtype=str, keep_default_na=False,
-                         na_filter=False, quoting=csv.QUOTE_NONE, engine="c")
-    except pd.errors.EmptyDataError:
-        raise PipelineError(f"{path} is empty; expected {what}") from None
-    except pd.errors.ParserError as e:
-        raise PipelineError(f"{path}: {e}; expected {what}") from None
-    except UnicodeDecodeError as e:
-        raise PipelineError(f"{path}: not a text file ({e.reason}); expected {what}") from None
-    # a trailing tab gives an empty last column
-    while df.shape[1] > min_cols and (df.iloc[:, -1] == "").all():
-        df = df.iloc[:, :-1]
-    if df.shape[1] < min_cols:
-        raise PipelineError(f"{path}:1: {df.shape[1]} tab-separated fields; expected {what}")
-    return df
-
-
-def _ncf_ints(df: pd.DataFrame, path: Path, what: str, cols: Sequence[int]) -> np.ndarray:
-    sub = df.iloc[:, list(cols)]
-    ok = sub.apply(lambda c: c.str.fullmatch(r"-?\d+")).to_numpy(dtype=bool)
-    if not ok.all():
-        row, col = (int(x[0]) for x in np.nonzero(~ok))
-        raise PipelineError(f"{path}:{row + 1}: field {cols[col] + 1} is {sub.iat[row, col]!r}; "
-                            f"expected an integer ({what})")
-    return sub.astype(np.int64).to_numpy()
-
-
-def read_ncf_test(prefix: str) -> tuple[pd.DataFrame, np.ndarray]:
-    """PREFIX.test.rating (user, item, rating, timestamp) and PREFIX.test.negative rows
-    ``(user,item)`` + N negatives, checked line by line against each other."""
-    rp, npath = Path(f"{prefix}.test.rating"), Path(f"{prefix}.test.negative")
-    what_r = "user<TAB>item<TAB>rating<TAB>timestamp per line"
-    tr = _ncf_int_table(rp, 3, what_r)
-    ids = _ncf_ints(tr, rp, what_r, [0, 1])
-    rating = pd.to_numeric(tr.iloc[:, 2], errors="coerce").to_numpy(np.float32)
-    if np.isnan(rating).any():
-        j = int(np.flatnonzero(np.isnan(rating))[0])
-        raise PipelineError(f"{rp}:{j + 1}: rating {tr.iat[j, 2]!r} is not a number; "
-                            f"expected {what_r}")
-    ts = _ncf_ints(tr, rp, what_r, [3])[:, 0] if tr.shape[1] >= 4 else None
-    what_n = "`(user,item)` then the negative item ids, tab-separated"
-    tn = _ncf_int_table(npath, 2, what_n)
-    head = tn.iloc[:, 0].str.extract(r"^\((-?\d+),(-?\d+)\)$")
-    bad = head.isna().any(axis=1).to_numpy()
-    if bad.any():
-        j = int(np.flatnonzero(bad)[0])
-        raise PipelineError(f"{npath}:{j + 1}: {tn.iat[j, 0]!r}; expected {what_n}")
-    empty = (tn.iloc[:, 1:] == "").to_numpy()
-    if empty.any():
-        row, col = (int(x[0]) for x in np.nonzero(empty))
-        raise PipelineError(f"{npath}:{row + 1}: {int((~empty[row]).sum())} negatives where "
-                            f"line 1 has {tn.shape[1] - 1}; expected the same count on every "
-                            f"line")
-    negs = _ncf_ints(tn, npath, what_n, range(1, tn.shape[1]))
-    pairs = head.astype(np.int64).to_numpy()
-    if len(pairs) != len(ids):
-        raise PipelineError(f"{npath} has {len(pairs)} lines but {rp} has {len(ids)}; expected "
-                            f"one negatives line per test rating")
-    mism = (pairs != ids).any(axis=1)
-    if mism.any():
-        j = int(np.flatnonzero(mism)[0])
-        raise PipelineError(f"{npath}:{j + 1}: {tn.iat[j, 0]!r} but {rp}:{j + 1} is "
-                            f"({ids[j, 0]},{ids[j, 1]}); expected the same pair on the same line")
-    test = pd.DataFrame({"raw_user_id": ids[:, 0], "raw_item_id": ids[:, 1], "rating": rating,
-                         "line": np.arange(1, len(ids) + 1)})
-    if ts is not None:
-        test["timestamp"] = ts
-    return test, negs
-
-
-def split_ncf(r: Ratings, prefix: str, users: pd.DataFrame, items: pd.DataFrame, seed: int):
+def split_ncf(r: Ratings, cfg: Config, ctx: Context) -> SplitOutcome:
     """Part labels over the stage-20 ratings (train/valid), the test frame and negatives."""
+    prefix, seed = cfg.ncf_test, cfg.seed
+    users, items = ctx.raw_ids()
     test_raw, negs_raw = read_ncf_test(prefix)
     rp = f"{prefix}.test.rating"
     tu = _map_raw(users["raw_user_id"], test_raw["raw_user_id"])
@@ -631,7 +502,58 @@ def split_ncf(r: Ratings, prefix: str, users: pd.DataFrame, items: pd.DataFrame,
                "n_users_train_only": int(((train_counts > 0) & (train_counts < 2)).sum()),
                "valid": "each user's latest train interaction (users with >= 2) + sampled "
                         "negatives"}
-    return part, details, test, negs
+    return SplitOutcome(part, details, test, negs)
+
+
+STRATEGIES: dict[str, Strategy] = {
+    "random": split_random,
+    "user-random": split_user_random,
+    "temporal-global": split_temporal_global,
+    "temporal-user": split_temporal_user,
+    "loo": split_loo,
+    "probe": split_probe,
+    "kfold": split_kfold,
+    "ncf": split_ncf,
+}
+
+
+@dataclass
+class Config:
+    data_dir: Path = opt(Path("data"), "data folder holding the stage artifacts")
+    strategy: str = opt("random", "how to split (described above)", choices=tuple(STRATEGIES))
+    test_ratio: float = opt(0.1, "share of the ratings (per user for user-random/"
+                                 "temporal-user) that go to test")
+    valid_ratio: float = opt(0.1, "share of the remaining train ratings carved out as valid "
+                                  "(ratio strategies; 0 = no valid part)")
+    seed: int = opt(42, "random seed: the same seed gives the same split")
+    probe: Path | None = opt(None, "Netflix probe.txt for --strategy probe")
+    negatives: int = opt(99, "sampled negatives per held-out interaction (loo; ncf valid uses "
+                             "the test file's count)")
+    folds: int = opt(5, "number of folds for --strategy kfold")
+    fold: int = opt(0, "which fold (0-based) is test for --strategy kfold")
+    ncf_test: str | None = opt(None, "NCF file prefix for --strategy ncf: reads "
+                                     "PREFIX.test.rating and PREFIX.test.negative")
+    unseen: str = opt("auto", "valid/test ratings whose user or item has no train rating: "
+                              "drop or keep; auto = keep for loo/ncf, drop otherwise",
+                      choices=("auto", "drop", "keep"))
+
+    def validate(self) -> None:
+        if not 0.0 <= self.test_ratio < 1.0:
+            raise PipelineError(f"--test-ratio must be in [0, 1), got {self.test_ratio}")
+        if not 0.0 <= self.valid_ratio < 1.0:
+            raise PipelineError(f"--valid-ratio must be in [0, 1), got {self.valid_ratio}")
+        if self.negatives < 0:
+            raise PipelineError(f"--negatives must be >= 0, got {self.negatives}")
+        if self.strategy == "probe" and self.probe is None:
+            raise PipelineError("--strategy probe needs --probe PATH (a Netflix probe.txt)")
+        if self.strategy == "ncf" and not self.ncf_test:
+            raise PipelineError("--strategy ncf needs --ncf-test PREFIX (reads "
+                                "PREFIX.test.rating and PREFIX.test.negative)")
+        if self.strategy == "kfold":
+            if self.folds < 2:
+                raise PipelineError(f"--folds must be >= 2, got {self.folds}")
+            if not 0 <= self.fold < self.folds:
+                raise PipelineError(f"--fold must be in 0..{self.folds - 1}, got {self.fold}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -661,10 +583,12 @@ class SplitResult:
 
 
 def split(ratings: Any, n_users: int, n_items: int, cfg: Config,
-          users: pd.DataFrame | None = None, items: pd.DataFrame | None = None) -> SplitResult:
+          users: pd.DataFrame | None = None, items: pd.DataFrame | None = None,
+          ctx: Context | None = None) -> SplitResult:
     """Split a stage-20 ratings table (pure, apart from reading --probe / --ncf-test files).
 
-    ``ratings``: a DataFrame or a {column: numpy array} mapping with stage 20's columns.
+    ``ratings``: a DataFrame or a {column: numpy array} mapping with stage 20's columns;
+    ``users``/``items`` (or ``ctx``): stage 20's raw id maps, for probe and ncf.
     """
     cols = {c: np.asarray(ratings[c]) for c in ratings}
     del ratings
@@ -673,25 +597,10 @@ def split(ratings: Any, n_users: int, n_items: int, cfg: Config,
     ts = cols["timestamp"] if "timestamp" in cols else None
     r = Ratings(u, i, ts, n_users, n_items)
     s = cfg.strategy
-    ext_test, ext_negs = None, None
-    if s == "random":
-        part, details = split_random(r, cfg.test_ratio, cfg.valid_ratio, cfg.seed)
-    elif s == "user-random":
-        part, details = split_user_random(r, cfg.test_ratio, cfg.valid_ratio, cfg.seed)
-    elif s == "temporal-global":
-        part, details = split_temporal_global(r, cfg.test_ratio, cfg.valid_ratio, cfg.seed)
-    elif s == "temporal-user":
-        part, details = split_temporal_user(r, cfg.test_ratio, cfg.valid_ratio, cfg.seed)
-    elif s == "loo":
-        part, details = split_loo(r, cfg.seed)
-    elif s == "kfold":
-        part, details = split_kfold(r, cfg.folds, cfg.fold, cfg.valid_ratio, cfg.seed)
-    elif s == "probe":
-        part, details = split_probe(r, Path(cfg.probe), users, items, cfg.valid_ratio, cfg.seed)
-    elif s == "ncf":
-        part, details, ext_test, ext_negs = split_ncf(r, cfg.ncf_test, users, items, cfg.seed)
-    else:  # parse_config restricts the choices
+    if s not in STRATEGIES:  # parse_config restricts the choices
         raise PipelineError(f"unknown --strategy {s!r}; expected one of {', '.join(STRATEGIES)}")
+    out = STRATEGIES[s](r, cfg, ctx if ctx is not None else Context(users, items))
+    part, details, ext_test, ext_negs = out.part, out.details, out.test, out.test_negatives
 
     policy = cfg.unseen if cfg.unseen != "auto" else (
         "keep" if s in IMPLICIT_STRATEGIES else "drop")
@@ -747,13 +656,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     src = stage_dir(cfg.data_dir, UPSTREAM)
     ratings = read_columns(src / "ratings.parquet")
     n_users, n_items = int(up["n_users"]), int(up["n_items"])
-    users = items = None
-    if cfg.strategy in ("probe", "ncf"):
-        users = read_parquet(src / "users.parquet", columns=["raw_user_id"])["raw_user_id"]
-        items = read_parquet(src / "items.parquet", columns=["raw_item_id"])["raw_item_id"]
-        users, items = users.to_frame(), items.to_frame()
     n_in = len(ratings["user_idx"])
-    res = split(ratings, n_users, n_items, cfg, users, items)
+    res = split(ratings, n_users, n_items, cfg, ctx=Context(id_dir=src))
     del ratings
     sizes = {"train": len(res.train), "valid": len(res.valid), "test": len(res.test)}
     n_neg = 0 if res.test_negatives is None else int(res.test_negatives.shape[1])
@@ -781,7 +685,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             **stage_manifest(PROG, argv, cfg, cfg.data_dir, UPSTREAM, up),
             "strategy": cfg.strategy,
             "seed": cfg.seed,
-            "task": "implicit" if cfg.strategy in IMPLICIT_STRATEGIES else "explicit",
+            # the task the split is made for: implicit for the ranking protocols (sampled
+            # candidates); null for splits that serve either task (stage 60 decides)
+            "task": "implicit" if cfg.strategy in IMPLICIT_STRATEGIES else None,
             "sizes": sizes,
             "n_ratings_in": n_in,
             "n_users": n_users,

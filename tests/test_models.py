@@ -1,4 +1,4 @@
-"""models.py: forward shapes with broadcasting, the user_/item_ naming rule, pretraining."""
+"""models.py: forward shapes with broadcasting, the declared row tables, pretraining."""
 import pytest
 import torch
 from torch import nn
@@ -31,20 +31,22 @@ def test_forward_shapes_and_broadcasting(name):
 
 
 @pytest.mark.parametrize("name", sorted(models.MODELS))
-def test_user_and_item_parameters_are_prefixed_embeddings(name):
+def test_declared_user_and_item_tables(name):
+    """Each family declares its row tables (user_tables / item_tables): per-user tables have
+    n_users rows, per-item n_items, row_sparse_tables lists them all, and moving one user's
+    rows changes only that user's scores (what a fold-in relies on)."""
     m = models.build_model(name, n_users=N_USERS, n_items=N_ITEMS, **SMALL[name])
-    sides = {n: c for n, c in m.named_children() if n.startswith(("user_", "item_"))}
-    assert any(n.startswith("user_") for n in sides) and any(n.startswith("item_") for n in sides)
-    for n, c in sides.items():
-        assert isinstance(c, nn.Embedding), n
-        rows = N_USERS if n.startswith("user_") else N_ITEMS
-        assert c.num_embeddings == rows, n
-    # a fold-in that moves only one user's rows changes only that user's scores
+    users, items = m.user_tables(), m.item_tables()
+    assert users and items
+    for tables, rows in ((users, N_USERS), (items, N_ITEMS)):
+        for n, c in tables.items():
+            assert isinstance(c, nn.Embedding) and c.num_embeddings == rows, n
+    assert {id(t) for t in m.row_sparse_tables()} == {id(t) for t in [*users.values(),
+                                                                         *items.values()]}
     before = m(torch.arange(N_USERS)[:, None], torch.arange(N_ITEMS)[None]).detach()
     with torch.no_grad():
-        for n, c in sides.items():
-            if n.startswith("user_"):
-                c.weight[2] += 0.5
+        for c in users.values():
+            c.weight[2] += 0.5
     after = m(torch.arange(N_USERS)[:, None], torch.arange(N_ITEMS)[None]).detach()
     changed = (after - before).abs().sum(1) > 0
     assert changed.tolist() == [u == 2 for u in range(N_USERS)]

@@ -1,6 +1,7 @@
 """Stage 30: split invariants for every strategy, negatives, probe, NCF files, CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -9,8 +10,9 @@ import pytest
 
 from recpipe.cli import PipelineError, run_main
 from recpipe.ids import make_ids
-from recpipe import ids as ids_stage, matrix as matrix_stage, split as split_stage
-from recpipe.split import Config, read_probe, sample_negatives, split
+from recpipe import ids as ids_stage, matrix as matrix_stage, readers, split as split_stage
+from recpipe.readers import read_probe
+from recpipe.split import Config, sample_negatives, split
 from stage_fixtures import make_ratings, write_stage10, write_synthetic_ncf_train
 from conftest import run_script
 
@@ -364,10 +366,10 @@ def test_ncf_bad_files(tmp_path):
     (tmp_path / "x.test.rating").write_text("0\t2\t5\t10\n1\t0\t4\t11\n")
     (tmp_path / "x.test.negative").write_text("(0,2)\t1\n(1,0)\tzz\n")
     with pytest.raises(PipelineError, match=r"x\.test\.negative:2: field 2 is 'zz'"):
-        split_stage.read_ncf_test(str(pre))
+        readers.read_ncf_test(str(pre))
     (tmp_path / "x.test.negative").write_text("(0,2)\t1\n(1,2)\t1\n")
     with pytest.raises(PipelineError, match=r"x\.test\.negative:2: '\(1,2\)' but .*\(1,0\)"):
-        split_stage.read_ncf_test(str(pre))
+        readers.read_ncf_test(str(pre))
     (tmp_path / "x.test.negative").write_text("(0,2)\t1\n(1,0)\t7\n")
     p = run_script("30_split_train_test.py", "--data-dir", str(tmp_path), "--strategy", "ncf",
                    "--ncf-test", str(pre), check=False)
@@ -426,3 +428,51 @@ def test_loo_without_timestamps_is_seeded_random():
     assert np.array_equal(a.test_negatives, b.test_negatives)
     assert not a.test.equals(c.test)
     assert len(a.test) == int((ids.users["n_ratings"] >= 3).sum())
+
+
+# ---- one signature for every strategy ----------------------------------------------------
+
+
+def test_strategies_dict_is_the_strategy_option_and_one_signature(tmp_path):
+    field = next(f for f in dataclasses.fields(Config) if f.name == "strategy")
+    assert list(field.metadata["choices"]) == list(split_stage.STRATEGIES)
+    assert set(split_stage.IMPLICIT_STRATEGIES) <= set(split_stage.STRATEGIES)
+    # 4 users x items 0-3 (raw id = index); the NCF files hold item 4 out, item 5 negative
+    n_users, n_items = 4, 6
+    u = np.repeat(np.arange(n_users), 4)
+    i = np.tile(np.arange(4), n_users)
+    ts = np.arange(len(u), dtype=np.int64) * 10
+    r = split_stage.Ratings(u, i, ts, n_users, n_items)
+    ctx = split_stage.Context(pd.DataFrame({"raw_user_id": np.arange(n_users, dtype=np.int64)}),
+                              pd.DataFrame({"raw_item_id": np.arange(n_items, dtype=np.int64)}))
+    probe = tmp_path / "probe.txt"
+    probe.write_text("1:\n0\n2:\n3\n")  # (user 0, item 1) and (user 3, item 2)
+    (tmp_path / "x.test.rating").write_text("".join(f"{k}\t4\t5\t999\n" for k in range(4)))
+    (tmp_path / "x.test.negative").write_text("".join(f"({k},4)\t5\n" for k in range(4)))
+    extra = {"probe": {"probe": probe}, "ncf": {"ncf_test": str(tmp_path / "x")},
+             "kfold": {"folds": 2, "fold": 1}}
+    for name, fn in split_stage.STRATEGIES.items():
+        cfg = Config(strategy=name, test_ratio=0.25, valid_ratio=0.25, seed=3,
+                     **extra.get(name, {}))
+        out = fn(r, cfg, ctx)
+        assert isinstance(out, split_stage.SplitOutcome), name
+        assert out.part.shape == (len(u),) and out.part.dtype == np.int8, name
+        assert set(np.unique(out.part)) <= {split_stage.TRAIN, split_stage.VALID,
+                                            split_stage.TEST, split_stage.DROPPED}, name
+        assert (out.part == split_stage.TRAIN).any() and isinstance(out.details, dict), name
+        if name == "ncf":
+            assert out.test["item_idx"].tolist() == [4] * 4 and out.test_negatives.shape == (4, 1)
+        else:
+            assert out.test is None and out.test_negatives is None
+            assert (out.part == split_stage.TEST).any(), name
+        if name == "probe":
+            rows = np.flatnonzero(out.part == split_stage.TEST)
+            assert sorted(zip(u[rows], i[rows])) == [(0, 1), (3, 2)]
+        # split() dispatches to the same function
+        res = split({"user_idx": u.astype(np.int32), "item_idx": i.astype(np.int32),
+                     "rating": np.full(len(u), 4, np.float32), "timestamp": ts},
+                    n_users, n_items, Config(strategy=name, test_ratio=0.25, valid_ratio=0.25,
+                                             seed=3, negatives=1, unseen="keep",
+                                             **extra.get(name, {})), ctx=ctx)
+        n_test = int((out.part == split_stage.TEST).sum()) if out.test is None else len(out.test)
+        assert len(res.test) == n_test, name

@@ -1,0 +1,79 @@
+"""Which metrics on which part, and the selection metric: stage 60's evaluation.
+
+explicit: rmse, mae (predictions clipped to the rating scale) of every pair of the part; on
+a leave-one-out split also hr@10 / ndcg@10 ranking the sampled candidates by predicted
+rating. implicit: hr@10, ndcg@10 over the sampled candidates when stage 40 wrote them, and
+(when ``full``, or when there are no candidates) full ranking over every item the user has
+not interacted with: full_hr@10, full_ndcg@10, full_recall@20. Scoring goes through
+``scoring.py``, the path stage 70 uses too. Metric definitions: ``metrics.py``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+from .dataset import Data
+from .metrics import finish_full, full_rank_metrics, rmse_mae, sampled_rank_metrics
+from .scoring import predict_pairs, score_blocks, score_candidates
+
+
+def selection_metric(task: str, data: Data) -> tuple[str, bool]:
+    """(metric key, higher is better) used for early stopping and model selection."""
+    if task == "explicit":
+        return "rmse", False
+    if "valid" in data.candidates:
+        return "hr@10", True
+    return "full_ndcg@10", True
+
+
+def _binary(users: torch.Tensor, items: torch.Tensor, shape: tuple[int, int]) -> sp.csr_matrix:
+    return sp.csr_matrix((np.ones(len(users), dtype=np.float32),
+                          (users.cpu().numpy(), items.cpu().numpy())), shape=shape)
+
+
+@torch.inference_mode()
+def full_ranking(model: nn.Module, data: Data, part: str, block_users: int = 0
+                 ) -> dict[str, float]:
+    """Full-ranking HR@10, NDCG@10, Recall@20 for the users of ``part``: candidates are all
+    items not in train (for test, also not the validation items)."""
+    p = getattr(data, part)
+    if len(p) == 0:
+        return {}
+    shape = (data.n_users, data.n_items)
+    rel_csr = _binary(p.users, p.items, shape)
+    excl = data.train_csr
+    if part == "test" and len(data.valid):
+        excl = excl + _binary(data.valid.users, data.valid.items, shape)
+    excl = excl.tocsr()
+    users = np.unique(p.users.cpu().numpy())
+    rel_rows = rel_csr[users]
+    sums = []
+    for a, b, scores in score_blocks(model, users, excl[users], data.device, block_users,
+                                     history=data.train_csr[users]):
+        sub = rel_rows[a:b].tocoo()
+        rel = torch.zeros(scores.shape, dtype=torch.bool, device=data.device)
+        rel[torch.from_numpy(sub.row.astype(np.int64)).to(data.device),
+            torch.from_numpy(sub.col.astype(np.int64)).to(data.device)] = True
+        sums.append(full_rank_metrics(scores, rel))
+    return finish_full(sums)
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, data: Data, part: str, task: str, eval_batch: int = 0,
+             full: bool = True) -> dict[str, float]:
+    """Metrics of ``model`` on ``part`` ("valid" or "test"), see the module docstring."""
+    model.eval()
+    p = getattr(data, part)
+    out: dict[str, float] = {}
+    hist = data.train_csr
+    if task == "explicit" and len(p):
+        out.update(rmse_mae(predict_pairs(model, p.users, p.items, hist), p.ratings,
+                            data.rating_scale))
+    if part in data.candidates:
+        cu, ci = data.candidates[part]
+        out.update(sampled_rank_metrics(score_candidates(model, cu, ci, hist), ci))
+    if task != "explicit" and (full or part not in data.candidates):
+        out.update(full_ranking(model, data, part, eval_batch))
+    return out

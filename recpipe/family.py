@@ -1,0 +1,254 @@
+"""The seam between a model family (``models.py``) and the stages that train (60) and use
+(70) it. A family is one ``Family`` subclass registered with ``@register``; it declares:
+
+- ``default_task`` and ``tasks``: the tasks it can be trained on;
+- ``options``: the stage-60 hyperparameters it reads (``--dim``, ``--layers``...), each with
+  what it means for this family (``60_train.py --help`` is built from them), and
+  ``from_config``: its constructor arguments from those values. Its presets are its rows in
+  ``recpipe/presets.py``;
+- ``input``: ``"pairs"`` (it scores (user, item) pairs from its own user rows: MF, NCF) or
+  ``"rows"`` (it scores from a user's interaction row, the train CSR: EASE, autoencoders);
+  ``per_pair_scoring``: scoring all items holds a vector per (user, item) pair (MLP towers)
+  rather than being one matrix product, which sizes the scoring blocks;
+- ``fit_by``: ``"epochs"`` of mini-batches (stage 60's loop, through ``forward`` and the
+  task's objective) or ``"closed_form"`` (``fit_closed_form``, once);
+- its row-sparse tables: ``user_tables()`` and ``item_tables()`` (created with
+  ``self.table``), for the lazy optimisers, the row L2 and the fold-in;
+- ``has_item_vectors`` and ``item_vectors()`` for similar items and explanations;
+- ``fold_in``: how new users join without retraining (default: a few hundred Adam steps on
+  fresh user rows with the rest frozen, on the training objective);
+- optionally ``analytic_tasks`` and ``analytic_grad``: a hand-written gradient of the same
+  objective, which the trainer uses instead of autograd when it pays off.
+
+Stage 60 and 70 call only these; they never branch on a family's name or class.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from .objectives import Objective, RowL2
+
+REGISTRY: dict[str, type["Family"]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a family available as ``--model name``."""
+    def deco(cls: type["Family"]) -> type["Family"]:
+        if name in REGISTRY and REGISTRY[name] is not cls:
+            raise ValueError(f"model name {name!r} is registered twice "
+                             f"({REGISTRY[name].__name__} and {cls.__name__})")
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+    return deco
+
+
+def unregister(name: str) -> None:
+    """Remove a family (tests register toy families and take them away again)."""
+    REGISTRY.pop(name, None)
+
+
+def family(name: str) -> type["Family"]:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model {name!r}; expected one of {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def look(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` (any shape) of an embedding table.
+
+    Dense tables use ``index_select``, whose backward (an ``index_add``) is about 3x faster on
+    CPU than ``nn.Embedding``'s; sparse tables go through the module (sparse gradients). When
+    the trainer sets ``emb.captured`` to a list, the looked-up rows are appended to it (the
+    row L2 on the rows a batch used)."""
+    if emb.sparse:
+        out = emb(idx)
+    else:
+        out = emb.weight.index_select(0, idx.reshape(-1)).view(*idx.shape, emb.embedding_dim)
+    cap = getattr(emb, "captured", None)
+    if cap is not None:
+        cap.append(out)
+    return out
+
+
+class Family(nn.Module):
+    """Base class of every model family (see the module docstring for the contract)."""
+
+    name: ClassVar[str] = ""
+    default_task: ClassVar[str] = "explicit"
+    tasks: ClassVar[tuple[str, ...]] = ("explicit", "implicit")
+    options: ClassVar[dict[str, str]] = {}
+    input: ClassVar[str] = "pairs"
+    per_pair_scoring: ClassVar[bool] = False
+    fit_by: ClassVar[str] = "epochs"
+    has_item_vectors: ClassVar[bool] = True
+    analytic_tasks: ClassVar[tuple[str, ...]] = ()
+    pretrain_from: ClassVar[tuple[str, ...]] = ()      # families whose models init this one
+
+    def __init__(self, n_users: int, n_items: int, global_mean: float = 0.0,
+                 scale: float = 1.0):
+        super().__init__()
+        if n_users <= 0 or n_items <= 0:
+            raise ValueError(f"n_users and n_items must be positive, got {n_users}, {n_items}")
+        self.n_users = int(n_users)
+        self.n_items = int(n_items)
+        self._user_names: list[str] = []
+        self._item_names: list[str] = []
+        self.register_buffer("global_mean", torch.tensor(float(global_mean)))
+        self.register_buffer("scale", torch.tensor(float(scale)))
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, hp: dict[str, Any], task: str, global_mean: float, scale: float,
+                    sparse: bool) -> dict[str, Any]:
+        """Constructor keyword arguments (plain types) from stage 60's resolved options
+        ``hp`` (the names in ``options``, plus ``init_std``)."""
+        raise NotImplementedError
+
+    def table(self, side: str, name: str, dim: int, std: float | None, sparse: bool
+              ) -> nn.Embedding:
+        """A per-user (``side="user"``) or per-item row table, registered as a row-sparse
+        table of that side; ``std=None`` starts it at zero."""
+        n = self.n_users if side == "user" else self.n_items
+        e = nn.Embedding(n, dim, sparse=sparse)
+        if std is None:
+            nn.init.zeros_(e.weight)
+        else:
+            nn.init.normal_(e.weight, 0.0, std)
+        setattr(self, name, e)
+        (self._user_names if side == "user" else self._item_names).append(name)
+        return e
+
+    def user_tables(self) -> dict[str, nn.Embedding]:
+        return {n: getattr(self, n) for n in self._user_names}
+
+    def item_tables(self) -> dict[str, nn.Embedding]:
+        return {n: getattr(self, n) for n in self._item_names}
+
+    def row_sparse_tables(self) -> list[nn.Embedding]:
+        """Every per-user and per-item table, in registration order."""
+        names = set(self._user_names) | set(self._item_names)
+        return [m for n, m in self.named_children() if n in names]
+
+    def _out(self, x: torch.Tensor) -> torch.Tensor:
+        # the network works in standardised units; scale and global_mean map to the ratings
+        return x.float() * self.scale + self.global_mean
+
+    # -- scoring (``history``: the users' interaction rows, dense [U, n_items] on the
+    # model's device, given to row-input families; pair families ignore it) -------------
+    def score_pairs(self, users: torch.Tensor, items: torch.Tensor,
+                    history: torch.Tensor | None = None) -> torch.Tensor:
+        """[B] scores of the pairs (users[b], items[b])."""
+        return self(users, items)
+
+    def score_candidates(self, users: torch.Tensor, items: torch.Tensor,
+                         history: torch.Tensor | None = None) -> torch.Tensor:
+        """[U, C] scores of users [U] against candidate items [U, C]."""
+        return self(users[:, None], items)
+
+    def score_all(self, users: torch.Tensor, history: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        """[U, n_items] scores of users [U] against every item."""
+        return self(users[:, None], torch.arange(self.n_items, device=users.device)[None, :])
+
+    def item_vectors(self) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no item vectors")
+
+    # -- fitting -------------------------------------------------------------------------
+    def fit_closed_form(self, train: "torch.Tensor", hp: dict[str, Any]) -> None:
+        """Closed-form families: fit to the dense-able train interactions (a scipy CSR)."""
+        raise NotImplementedError
+
+    def analytic_grad(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
+                      reg: float, scratch: dict, rows: bool):
+        """Optional: the objective's loss and gradient without autograd (see BiasedMF)."""
+        raise NotImplementedError
+
+    def init_from(self, parts: dict[str, nn.Module], alpha: float) -> None:
+        """Optional: initialise from trained models of the ``pretrain_from`` families."""
+        raise NotImplementedError
+
+    # -- new users -----------------------------------------------------------------------
+    def with_user_rows(self, rows: dict[str, torch.Tensor]) -> "Family":
+        """A copy (item side shared, frozen) whose user tables are ``rows``."""
+        folded = copy.copy(self)            # shallow: shares every item-side module, buffer
+        folded._modules = dict(self._modules)
+        for name, w in rows.items():
+            emb = nn.Embedding(w.shape[0], w.shape[1], device=w.device)
+            emb.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+            folded._modules[name] = emb
+        folded.n_users = next(iter(rows.values())).shape[0]
+        folded.eval()
+        return folded
+
+    def fold_in(self, objective: Objective, reg: float, users: np.ndarray, items: np.ndarray,
+                ratings: np.ndarray, n_users: int, steps: int = 300, lr: float = 0.05,
+                seed: int = 0) -> tuple["Family", str]:
+        """New users 0..n_users-1 from their given (item, rating) pairs, without retraining:
+        returns (a model whose user rows are theirs, a sentence saying what was done).
+
+        Default: fresh user rows (started at the mean trained user plus small noise), the
+        item side and network frozen, fitted by ``steps`` full-batch Adam steps on the
+        training objective with the training row L2 on the user rows."""
+        from .dataset import KeySet
+        dev = self.global_mean.device
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        params = {}
+        for name, emb in self.user_tables().items():
+            w = emb.weight.detach()
+            start = w.mean(0, keepdim=True).repeat(n_users, 1)
+            noise = torch.randn(start.shape, generator=gen).to(dev) * 0.01 * w.std().clamp_min(1e-6)
+            params[name] = nn.Parameter(start + noise)
+        if not params:
+            raise ValueError(f"{type(self).__name__} has no user tables to fold in")
+        folded = self.with_user_rows({n: p.detach() for n, p in params.items()})
+        for name, p in params.items():                  # train the very tensors the copy uses
+            folded._modules[name].weight = p
+        frozen = [(p, p.requires_grad) for p in self.parameters()]
+        us = torch.tensor(np.asarray(users, dtype=np.int64), device=dev)
+        it = torch.tensor(np.asarray(items, dtype=np.int64), device=dev)
+        r = torch.tensor(np.asarray(ratings, dtype=np.float32), device=dev)
+        keys = torch.unique(us * self.n_items + it)
+        keyset = KeySet(keys, n_users * self.n_items)
+        neg_gen = torch.Generator(device=dev).manual_seed(seed)
+        l2 = RowL2([folded._modules[n] for n in params])
+        opt = torch.optim.Adam(params.values(), lr=lr)
+        threads = torch.get_num_threads()
+        loss_v = float("nan")
+        try:
+            for p, _ in frozen:
+                p.requires_grad_(False)
+            if dev.type == "cpu":
+                # a few thousand rows per step: thread start-up and sync cost more than they
+                # save (40x slower with 2 threads on a busy 2-core machine)
+                torch.set_num_threads(1)
+            with torch.enable_grad():
+                for _ in range(steps):
+                    uu, ii, y = objective.expand(us, it, r, keyset, self.n_items, neg_gen)
+                    l2.active = reg > 0
+                    loss = objective.loss(folded(uu, ii).float(), y)
+                    total = loss + reg * l2.take(uu.shape[0]) if reg > 0 else loss
+                    l2.active = False
+                    opt.zero_grad(set_to_none=True)
+                    total.backward()
+                    opt.step()
+                    loss_v = float(total.detach())
+        finally:
+            l2.close()
+            torch.set_num_threads(threads)
+            for p, flag in frozen:
+                p.requires_grad_(flag)
+        if not np.isfinite(loss_v):
+            raise FloatingPointError(f"fold-in diverged (loss {loss_v}); try a smaller "
+                                     f"--foldin-lr (now {lr:g})")
+        out = self.with_user_rows({n: p.detach() for n, p in params.items()})
+        method = (f"{type(self).__name__} fold-in: optimised a fresh user row "
+                  f"({', '.join(sorted(params))}) with the item side and network frozen: "
+                  f"{steps} Adam steps (lr {lr:g}) on {objective.describe()}, L2 {reg:g} as in "
+                  f"training; final loss {loss_v:.4f}")
+        return out, method

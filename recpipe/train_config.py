@@ -1,0 +1,177 @@
+"""Stage 60's typed configuration: the flags, where each default comes from (the model
+family's preset), and the choices made before training: the task (``decide_task``, the one
+place it is decided), the data-dependent optimizer (``for_data``) and the family's
+constructor arguments (``model_args``)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from .cli import PipelineError, opt
+from .dataset import Data
+from .family import REGISTRY, Family, family
+from .presets import DEFAULT_MODEL, preset
+
+log = logging.getLogger("recpipe")
+
+AUTO_ROWS_PER_SAMPLE = 16   # --optimizer auto: sparse_adam above this table/batch ratio
+PRESET = "; default: the preset of the model and task (recpipe/presets.py)"
+
+
+def _uses(option: str) -> str:
+    """What ``option`` means for each family that reads it (for --help)."""
+    return "; ".join(f"{n}: {c.options[option]}" for n, c in REGISTRY.items()
+                     if option in c.options)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    model: str = opt(DEFAULT_MODEL, "model family to train", choices=REGISTRY)
+    task: Optional[str] = opt(None, "explicit (regress ratings, MSE) or implicit (BCE with "
+                              "sampled negatives); default: the split's task when stage 30 "
+                              "fixed one (loo, ncf: implicit) and the model supports it, else "
+                              "the model's own (" + ", ".join(
+                                  f"{n}: {c.default_task}" for n, c in REGISTRY.items()) + ")",
+                              choices=["explicit", "implicit"])
+    data_dir: Path = opt(Path("data"), "pipeline data folder (reads 40_make_sparse_matrix/, "
+                         "writes 60_train/<model>/)")
+    epochs: Optional[int] = opt(None, "maximum epochs (early stopping on validation may stop "
+                                "sooner)" + PRESET)
+    device: str = opt("auto", "auto (cuda when available), cpu or cuda",
+                      choices=["auto", "cpu", "cuda"])
+    seed: int = opt(0, "random seed (init, permutations, negatives)")
+    resume: bool = opt(False, "continue from DATA_DIR/60_train/<model>/checkpoint.pt")
+    dim: Optional[int] = opt(None, "embedding size (" + _uses("dim") + ")" + PRESET)
+    hidden: Optional[int] = opt(None, "tower output size (" + _uses("hidden") + ")" + PRESET)
+    layers: Optional[list[int]] = opt(None, "MLP layer sizes, e.g. 64 32 16 8 ("
+                                      + _uses("layers") + ")" + PRESET)
+    dropout: Optional[float] = opt(None, "dropout (" + _uses("dropout") + ")" + PRESET)
+    init_std: Optional[float] = opt(None, "std of the embedding initialisation" + PRESET)
+    optimizer: Optional[str] = opt(None, "adam; sgd (with --momentum; --batch-size 0 makes it "
+                                   "full-batch gradient descent); sparse_adam (Adam on the "
+                                   "embedding rows each batch uses, for large tables); "
+                                   "adagrad (sparse embedding gradients); auto (sparse_adam "
+                                   "when the model has an analytic gradient for the task and "
+                                   f"its tables have more than {AUTO_ROWS_PER_SAMPLE} rows per "
+                                   "batch sample, else adam)" + PRESET,
+                                   choices=["adam", "sgd", "sparse_adam", "adagrad", "auto"])
+    lr: Optional[float] = opt(None, "learning rate" + PRESET)
+    momentum: Optional[float] = opt(None, "sgd momentum" + PRESET)
+    batch_size: Optional[int] = opt(None, "training samples per step (implicit: positives + "
+                                    "negatives); 0 = full batch" + PRESET)
+    reg: Optional[float] = opt(None, "L2 weight on the embedding rows used by each sample"
+                               + PRESET)
+    n_negatives: Optional[int] = opt(None, "implicit: sampled negatives per positive, "
+                                     "redrawn every epoch" + PRESET)
+    lr_schedule: Optional[str] = opt(None, "plateau (multiply lr by --lr-decay when validation "
+                                     "does not improve), cosine (over --epochs) or none"
+                                     + PRESET, choices=["plateau", "cosine", "none"])
+    lr_decay: Optional[float] = opt(None, "plateau: lr factor on a non-improving epoch"
+                                    + PRESET)
+    patience: Optional[int] = opt(None, "stop after this many epochs without validation "
+                                  "improvement" + PRESET)
+    pretrained: bool = opt(False, "initialise from the trained models this family is built "
+                           "from (" + _uses("pretrained") + "; train those first on the same "
+                           "data with matching sizes, e.g. --dim / --layers), see --alpha")
+    alpha: float = opt(0.5, "--pretrained: weight of the first part's output layer")
+    refit: bool = opt(True, "after choosing the epoch on validation, retrain from scratch on "
+                      "train + valid for that many epochs (same seed and learning rates) "
+                      "and evaluate test with that model; --no-refit tests the selected "
+                      "model itself")
+    amp: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU)")
+    threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
+    eval_batch: int = opt(0, "users per full-ranking evaluation block (0 = automatic)")
+    max_seconds: float = opt(0.0, "stop training after this many seconds (0 = no limit); "
+                             "the best epoch so far is kept")
+
+    def validate(self) -> None:
+        for name in ("epochs", "dim", "hidden", "n_negatives", "patience"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise PipelineError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        for name in ("lr", "lr_decay"):
+            v = getattr(self, name)
+            if v is not None and not (v > 0 and math.isfinite(v)):
+                raise PipelineError(f"--{name.replace('_', '-')} must be a positive number, "
+                                    f"got {v}")
+        for name in ("reg", "init_std", "dropout", "momentum"):
+            v = getattr(self, name)
+            if v is not None and not (v >= 0 and math.isfinite(v)):
+                raise PipelineError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+        if self.batch_size is not None and self.batch_size < 0:
+            raise PipelineError(f"--batch-size must be >= 0 (0 = full batch), "
+                                f"got {self.batch_size}")
+        if self.layers is not None and (len(self.layers) < 1 or min(self.layers) < 1):
+            raise PipelineError(f"--layers must be positive sizes, got {self.layers}")
+        cls = family(self.model)
+        if self.pretrained and not cls.pretrain_from:
+            users = [n for n, c in REGISTRY.items() if c.pretrain_from]
+            raise PipelineError(f"--pretrained applies to --model {' / '.join(users)} only, "
+                                f"got {self.model}")
+
+    def resolved(self, split_task: str | None = None) -> "TrainConfig":
+        """A copy with the task decided (``decide_task``) and every unset option filled from
+        the preset."""
+        cfg = dataclasses.replace(self)
+        cfg.task = decide_task(cfg.task, family(cfg.model), split_task)
+        for k, v in preset(cfg.model, cfg.task).items():
+            if getattr(cfg, k) is None:
+                setattr(cfg, k, copy.deepcopy(v))
+        return cfg
+
+
+def decide_task(requested: str | None, cls: type[Family], split_task: str | None,
+                rated: bool = True) -> str:
+    """The task stage 60 trains: the one place it is decided.
+
+    ``--task`` when given; else the task the split fixed (stage 30 records "implicit" for
+    loo/ncf, whose candidates are for ranking) when the family supports it; else the family's
+    default. Implicit training on rated data is allowed (ratings become interactions);
+    explicit training on data without ratings is refused."""
+    # stage 30 records "implicit" for splits made for ranking and null for those that serve
+    # either task (versions before 0.2 wrote "explicit" for the latter)
+    fixed = split_task if split_task == "implicit" else None
+    task = requested or (fixed if fixed in cls.tasks else cls.default_task)
+    if task not in cls.tasks:
+        raise PipelineError(f"--model {cls.name} cannot be trained for the {task} task; it "
+                            f"supports {', '.join(cls.tasks)}")
+    if task == "explicit" and not rated:
+        raise PipelineError("--task explicit needs ratings, but this data has none (only "
+                            "interactions); use --task implicit")
+    if requested and fixed and requested != fixed:
+        log.warning("training %s as --task asks, on a split made for the %s task (stage 30 "
+                    "recorded it); %s", requested, fixed,
+                    "reporting RMSE/MAE of the held-out ratings and ranking the sampled "
+                    "candidates by predicted rating" if requested == "explicit" else
+                    "ranking by interaction logits")
+    return task
+
+
+def for_data(cfg: TrainConfig, data: Data) -> TrainConfig:
+    """``cfg`` with the choices that depend on the data made: ``--optimizer auto``.
+
+    Dense Adam passes over every row of the embedding tables at every step, which dominates
+    when the tables are much larger than a batch (Netflix: 480k users); sparse_adam (lazy
+    Adam) costs in proportion to the rows a batch uses, and is fast where the family has an
+    analytic gradient (explicit MF). On ML-100K, ml-latest-small and the demo both reach the
+    same validation RMSE (docs/presets.md), and there dense Adam is the faster of the two."""
+    if cfg.optimizer != "auto":
+        return cfg
+    rows = data.n_users + data.n_items
+    batch = cfg.batch_size or len(data.train)
+    fast = cfg.task in family(cfg.model).analytic_tasks
+    choice = "sparse_adam" if fast and rows > AUTO_ROWS_PER_SAMPLE * batch else "adam"
+    log.info("--optimizer auto: %s (%d user + item rows, batch %d)", choice, rows, batch)
+    return dataclasses.replace(cfg, optimizer=choice)
+
+
+def model_args(cfg: TrainConfig, data: Data) -> dict[str, Any]:
+    """Constructor arguments (plain types) of the chosen family."""
+    hp = {k: getattr(cfg, k) for k in ("dim", "hidden", "layers", "dropout", "init_std")}
+    sparse = cfg.optimizer in ("sparse_adam", "adagrad")
+    return family(cfg.model).from_config(hp, cfg.task, data.global_mean, data.rating_std,
+                                         sparse)
