@@ -66,7 +66,7 @@ $(S10): 10_preprocessing.py $(COMMON) $(wildcard recpipe/preprocess.py recpipe/f
 $(S20): 20_make_ids.py $(COMMON) recpipe/ids.py $(S10) $(P)/20
 	$(PYTHON) 20_make_ids.py $(ARGS20)
 
-$(S30): 30_split_train_test.py $(COMMON) recpipe/split.py $(wildcard recpipe/readers/*.py) $(S20) $(P)/30
+$(S30): 30_split_train_test.py $(COMMON) recpipe/split.py recpipe/holdout.py $(wildcard recpipe/readers/*.py) $(S20) $(P)/30
 	$(PYTHON) 30_split_train_test.py $(ARGS30)
 
 $(S40): 40_make_sparse_matrix.py $(COMMON) recpipe/matrix.py $(S30) $(P)/40

@@ -5,22 +5,38 @@ built under a temporary name and renamed into place only after ``manifest.json``
 so an interrupted or failed run leaves the previous artifact as it was. Each manifest holds
 the fingerprint of its upstream manifest; the next stage checks the whole chain before
 reading and names the command to rerun when something is missing or stale.
+
+Reliability: the manifest records each file's size and SHA-256 ("file_info"), checked before
+the files are read; one run at a time writes a stage (``stage_lock``, a kernel lock released
+when its owner dies); files and folders are fsynced before the rename that publishes them; a
+run killed while swapping folders is repaired by the next one, and temporary files of dead
+runs are removed. Every OSError while writing names the path it was writing.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
+import struct
 import time
 import uuid
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .cli import PipelineError, command_line, config_dict
+from .cli import PipelineError, file_in_path, command_line, config_dict, os_error_message
+
+log = logging.getLogger("recpipe")
 
 STAGES = ["10_preprocessing", "20_make_ids", "30_split_train_test", "40_make_sparse_matrix",
           "60_train", "70_recommend"]
@@ -36,6 +52,27 @@ def default_command(stage: str, data_dir: str | Path) -> str:
     return f"python {stage}.py --data-dir {data_dir}{extra}"
 
 
+# what reading a truncated or corrupt .npy / .npz / zip raises (numpy, scipy, zipfile)
+CORRUPT_FILE_ERRORS = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error,
+                       struct.error)
+
+HASH_CHUNK = 4 << 20
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB chunks (about 1-2 s per GB)."""
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(HASH_CHUNK)
+        view = memoryview(buf)
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
+    return h.hexdigest()
+
+
 def fingerprint(manifest_path: Path) -> str:
     return hashlib.sha256(manifest_path.read_bytes()).hexdigest()[:16]
 
@@ -46,16 +83,79 @@ def _rerun_hint(manifest: dict[str, Any] | None, stage: str, data_dir: Path) -> 
     return default_command(stage, data_dir)
 
 
-def read_manifest(data_dir: str | Path, stage: str, needed_by: str | None = None) -> dict[str, Any]:
+def rerun_command(data_dir: str | Path, stage: str) -> str:
+    """The command that rebuilds ``stage``: its manifest's, else the default one."""
+    try:
+        manifest = json.loads((stage_dir(data_dir, stage) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        manifest = None
+    return _rerun_hint(manifest if isinstance(manifest, dict) else None, stage, Path(data_dir))
+
+
+# files whose hash was checked in this process: (path, sha256) -> (size, mtime_ns)
+_verified: dict[tuple[str, str], tuple[int, int]] = {}
+
+
+def verify_files(data_dir: str | Path, stage: str, manifest: dict[str, Any],
+                 hashes: bool = True) -> None:
+    """Check that every file in the manifest's "file_info" is there with its recorded size
+    and (``hashes``) SHA-256; a manifest without file_info (older artifacts) passes.
+
+    Raises one PipelineError line: the file, what is wrong, the command that rebuilds it."""
+    info = manifest.get("file_info")
+    if not isinstance(info, dict):
+        return
+    folder = stage_dir(data_dir, stage)
+    for name, want in info.items():
+        if not isinstance(want, dict):
+            continue
+        p = folder / name
+        what = None
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            what = "missing"
+        except OSError as e:
+            raise PipelineError(os_error_message(e, p, f"checking stage {stage}")) from None
+        if what is None and st.st_size != want.get("bytes"):
+            what = f"{st.st_size} bytes, the manifest says {want.get('bytes')}"
+        if what is None and hashes and want.get("sha256"):
+            key = (str(p), want["sha256"])
+            if _verified.get(key) != (st.st_size, st.st_mtime_ns):
+                try:
+                    got = file_sha256(p)
+                except OSError as e:
+                    raise PipelineError(os_error_message(e, p, f"checking stage {stage}")
+                                        ) from None
+                if got != want["sha256"]:
+                    what = "content hash differs from the manifest's (the file is corrupt)"
+                else:
+                    _verified[key] = (st.st_size, st.st_mtime_ns)
+        if what is not None:
+            raise PipelineError(
+                f"{p}: {what}; stage {stage} is damaged or was changed after it was written; "
+                f"rebuild it with `{_rerun_hint(manifest, stage, Path(data_dir))}`")
+
+
+def read_manifest(data_dir: str | Path, stage: str, needed_by: str | None = None,
+                  verify: str = "hash") -> dict[str, Any]:
     """Read and check ``DATA_DIR/<stage>/manifest.json`` and the chain above it.
 
-    Raises PipelineError naming the command to run when the artifact is missing, unreadable
-    or older than its upstream.
+    Raises PipelineError naming the command to run when the artifact is missing, unreadable,
+    damaged (a file of "file_info" missing, of another size or, with ``verify="hash"``,
+    another content) or older than its upstream. The chain above gets the size check only;
+    ``verify="none"`` skips the file checks.
     """
     data_dir = Path(data_dir)
     path = stage_dir(data_dir, stage) / MANIFEST
     who = f" (needed by {needed_by})" if needed_by else ""
+    restore_interrupted_swap(stage_dir(data_dir, stage))
     if not path.exists():
+        blocker = file_in_path(data_dir)
+        if blocker is not None:
+            raise PipelineError(
+                f"{data_dir}: {blocker} is a file, not a folder{who}; pass a folder to "
+                f"--data-dir")
         raise PipelineError(
             f"{path} not found{who}: stage {stage} has not been run in {data_dir}; "
             f"run `{default_command(stage, data_dir)}` first")
@@ -74,7 +174,10 @@ def read_manifest(data_dir: str | Path, stage: str, needed_by: str | None = None
             raise PipelineError(
                 f"{stage_dir(data_dir, stage)} is stale: {stage_dir(data_dir, up_stage)} changed "
                 f"after it was built; rerun `{_rerun_hint(manifest, stage, data_dir)}`")
-        read_manifest(data_dir, up_stage)  # the chain above must hold too
+        # the chain above must hold too (sizes only: its files are not read now)
+        read_manifest(data_dir, up_stage, verify="size" if verify != "none" else "none")
+    if verify != "none":
+        verify_files(data_dir, stage, manifest, hashes=verify == "hash")
     return manifest
 
 
@@ -112,6 +215,60 @@ def temp_name(path: Path, kind: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.{kind}-{os.getpid()}")
 
 
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)$")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this machine (signal 0 probes, sends nothing)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True      # it exists, owned by another user
+    except OSError:
+        return True
+    return True
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of folder ``path`` (names created, renamed, removed) durable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:   # some file systems cannot fsync a folder; nothing more to do there
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EACCES):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under ``folder``, then its folders (deepest first)."""
+    folders = []
+    for root, dirs, files in os.walk(folder):
+        for f in files:
+            p = Path(root) / f
+            if not p.is_symlink():
+                _fsync_file(p)
+        folders.append(Path(root))
+    for d in reversed(folders):
+        fsync_dir(d)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | Path) -> Iterator[Path]:
     """Write a file under a temporary name and rename it into place only when the block ends
@@ -119,21 +276,39 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
 
         with atomic_write(out / "model.pt") as tmp:
             torch.save(obj, tmp)
+
+    The file is fsynced before the rename and its folder after it (durable across a power
+    loss). An OSError in the block or the rename (disk full, permission, ...) becomes one
+    PipelineError line naming ``path``.
     """
     path = Path(path)
     tmp = temp_name(path)
     try:
         yield tmp
+        if tmp.is_file():
+            _fsync_file(tmp)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as e:
+        raise PipelineError(os_error_message(e, path, "writing it")) from None
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(OSError):
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            elif tmp.exists() or tmp.is_symlink():
+                tmp.unlink()
 
 
-def swap_folder(staged: Path, final: Path) -> None:
+def swap_folder(staged: Path, final: Path, fsync: bool = True) -> None:
     """Put the finished folder ``staged`` at ``final``, replacing what was there: the old one
-    is renamed aside first, then removed after the new one is in place."""
+    is renamed aside first, then removed after the new one is in place.
+
+    ``staged``'s files and folders are fsynced first (``fsync``), the parent after the
+    renames. A kill between the two renames leaves ``.<name>.old-<pid>`` and no ``final``:
+    ``restore_interrupted_swap`` (called by StageOutput and read_manifest) puts it back."""
     staged, final = Path(staged), Path(final)
+    if fsync:
+        fsync_tree(staged)
     old = None
     if final.exists():
         old = temp_name(final, "old")
@@ -141,14 +316,181 @@ def swap_folder(staged: Path, final: Path) -> None:
             shutil.rmtree(old)
         os.replace(final, old)
     os.replace(staged, final)
+    if fsync:
+        fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _siblings(final: Path) -> list[tuple[Path, str, int]]:
+    """(path, kind, pid) of the ``.<name>.tmp-<pid>`` / ``.<name>.old-<pid>`` beside ``final``."""
+    out = []
+    try:
+        entries = list(final.parent.iterdir())
+    except OSError:
+        return out
+    for p in entries:
+        m = _TEMP_RE.match(p.name)
+        if m and m["name"] == final.name:
+            out.append((p, m["kind"], int(m["pid"])))
+    return out
+
+
+def restore_interrupted_swap(final: str | Path) -> Path | None:
+    """When ``final`` is missing but a dead run's ``.<name>.old-<pid>`` is beside it (the run
+    was killed between swap_folder's two renames), rename that back; returns it or None."""
+    final = Path(final)
+    if final.exists():
+        return None
+    olds = [(p, pid) for p, kind, pid in _siblings(final)
+            if kind == "old" and pid != os.getpid() and not pid_alive(pid) and p.is_dir()]
+    if not olds:
+        return None
+    olds.sort(key=lambda t: t[0].stat().st_mtime, reverse=True)   # the newest
+    old = olds[0][0]
+    try:
+        os.replace(old, final)
+    except OSError:          # another process restored it first, or a new final appeared
+        return None
+    fsync_dir(final.parent)
+    log.info("restored %s from %s (a run was killed while replacing it)", final, old.name)
+    return final
+
+
+def remove_dead_temps(final: str | Path, extra: Sequence[Path] = ()) -> list[Path]:
+    """Remove what killed runs left: ``.<name>.tmp-<pid>`` beside ``final``,
+    ``.<name>.old-<pid>`` when ``final`` exists, and hidden ``.<file>.tmp-<pid>`` files inside
+    ``final`` (and the folders ``extra``), each only when process ``pid`` is not alive."""
+    final = Path(final)
+    removed = []
+    for p, kind, pid in _siblings(final):
+        if pid == os.getpid() or pid_alive(pid):
+            continue
+        if kind == "old" and not final.exists():
+            continue
+        removed.append(p)
+    for folder in [final, *extra]:
+        try:
+            entries = list(Path(folder).iterdir())
+        except OSError:
+            continue
+        for p in entries:
+            m = _TEMP_RE.match(p.name)
+            if m and m["kind"] == "tmp" and int(m["pid"]) != os.getpid() \
+                    and not pid_alive(int(m["pid"])):
+                removed.append(p)
+    for p in removed:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+        log.debug("removed %s (left by a run that no longer exists)", p)
+    return removed
+
+
+def lock_path(data_dir: str | Path, stage: str) -> Path:
+    """``DATA_DIR/.<stage, / replaced by _>.lock``."""
+    return Path(data_dir) / f".{stage.replace('/', '_')}.lock"
+
+
+@contextlib.contextmanager
+def stage_lock(data_dir: str | Path, stage: str) -> Iterator[Path]:
+    """Hold the write lock of ``DATA_DIR/<stage>`` for the block: a second run (any process)
+    asking for it meanwhile is refused at once with one PipelineError line naming the PID
+    and host that hold it.
+
+    The lock is ``flock`` on ``DATA_DIR/.<stage>.lock`` (which holds "pid host"): the kernel
+    releases it when its owner dies, so a killed run never leaves it stuck. The file is
+    removed on release (while still locked; an acquirer checks it locked the file that is
+    at the path, so removal races no one). Not re-entrant: nested use of one stage in one
+    process is refused as well. Where the file system has no flock support it proceeds
+    unlocked, with a warning."""
+    data_dir = Path(data_dir)
+    path = lock_path(data_dir, stage)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PipelineError(os_error_message(e, data_dir, "creating the data folder",
+                                             other="another --data-dir")) from None
+    fd = -1
+    for _ in range(50):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise PipelineError(os_error_message(e, path, f"locking stage {stage}",
+                                                 other="another --data-dir")) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+            except OSError:
+                holder = []
+            os.close(fd)
+            pid = holder[0] if holder else "unknown"
+            host = holder[1] if len(holder) > 1 else "unknown host"
+            raise PipelineError(
+                f"{stage_dir(data_dir, stage)} is being written by another run (PID {pid} on "
+                f"{host}, lock {path}); wait for it to end or stop it (kill {pid} on {host}), "
+                f"then run the command again") from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EINVAL, errno.ENOTSUP):
+                os.close(fd)
+                raise PipelineError(os_error_message(e, path, f"locking stage {stage}",
+                                                     other="another --data-dir")) from None
+            log.warning("%s: the file system does not support locks (%s); writing %s "
+                        "unlocked", path, e.strerror, stage_dir(data_dir, stage))
+            os.close(fd)
+            fd = -1
+            break
+        # the file at the path may have been removed (released) between open and flock
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+        fd = -1
+    else:
+        raise PipelineError(f"{path}: could not take the lock of stage {stage} (it kept being "
+                            f"replaced); run the command again")
+    if fd >= 0:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+    try:
+        yield path
+    finally:
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temporary name, then rename)."""
+    """Write JSON atomically (temporary name, fsync, rename)."""
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def work_dir_for(data_dir: str | Path, stage: str) -> Path:
+    """A persistent build folder for ``StageOutput(work_dir=...)``: ``.<name>.work`` beside
+    the stage folder (same file system, so committing it is a rename)."""
+    final = stage_dir(data_dir, stage)
+    return final.with_name(f".{final.name}.work")
+
+
+def file_info(folder: Path) -> dict[str, dict[str, Any]]:
+    """{relative name: {"bytes", "sha256"}} of every file under ``folder`` but the manifest."""
+    out = {}
+    for p in sorted(Path(folder).rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if rel == MANIFEST or not p.is_file():
+            continue
+        out[rel] = {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+    return out
 
 
 class StageOutput:
@@ -157,47 +499,90 @@ class StageOutput:
     with StageOutput(data_dir, "20_make_ids") as out:
         df.to_parquet(out.path("ratings.parquet"))
         out.commit({...manifest fields...})
+
+    Entering takes ``stage_lock`` (a second run of the stage is refused), repairs a swap a
+    killed run left half done and removes dead runs' temporary files; leaving releases the
+    lock. By default the folder is built in ``.<name>.tmp-<pid>``, cleared on entry and
+    removed on failure. With ``work_dir`` it is built there instead, a persistent folder the
+    caller manages (neither cleared on entry nor removed on failure: e.g. stage 60's
+    resumable checkpoint), which commit() renames into place like the default one; it must
+    be on the file system of DATA_DIR (``work_dir_for`` gives one). Stage names may hold a
+    slash ("60_train/mf": DATA_DIR/60_train/mf). Any OSError in the block becomes one
+    PipelineError line naming the path.
     """
 
-    def __init__(self, data_dir: str | Path, stage: str):
+    def __init__(self, data_dir: str | Path, stage: str, work_dir: Path | None = None):
         self.data_dir = Path(data_dir)
         self.stage = stage
         self.final = stage_dir(self.data_dir, stage)
         # a sibling of the final folder (same file system, so the rename is atomic)
-        self.tmp = temp_name(self.final)
+        self.persistent = work_dir is not None
+        self.tmp = Path(work_dir) if work_dir is not None else temp_name(self.final)
         self._committed = False
         self._t0 = time.time()
+        self._lock: contextlib.ExitStack | None = None
 
     def __enter__(self) -> "StageOutput":
         try:
             self.final.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise PipelineError(f"cannot create data folder {self.data_dir}: {e.strerror}; "
-                                f"choose another with --data-dir") from None
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir()
+            raise PipelineError(os_error_message(e, self.final.parent, "creating the data "
+                                                 "folder", other="another --data-dir")) from None
+        stack = contextlib.ExitStack()
+        stack.enter_context(stage_lock(self.data_dir, self.stage))
+        try:
+            restore_interrupted_swap(self.final)
+            remove_dead_temps(self.final, [self.tmp] if self.persistent else [])
+            if self.persistent:
+                self.tmp.mkdir(parents=True, exist_ok=True)
+            else:
+                if self.tmp.exists():
+                    shutil.rmtree(self.tmp)
+                self.tmp.mkdir()
+        except OSError as e:
+            stack.close()
+            raise PipelineError(os_error_message(e, None, f"preparing {self.final}",
+                                                 other="another --data-dir")) from None
+        except BaseException:
+            stack.close()
+            raise
+        self._lock = stack
         return self
 
     def path(self, name: str) -> Path:
         return self.tmp / name
 
     def commit(self, manifest: dict[str, Any]) -> Path:
-        """Write manifest.json last, then rename the folder into place."""
+        """Write manifest.json last (with every file's size and SHA-256), then rename the
+        folder into place (fsynced first)."""
         # run_id makes every build's manifest (and so its fingerprint) unique: a rebuilt
         # upstream always marks its downstream stale, even within the same second.
         full = {"stage": self.stage, "run_id": uuid.uuid4().hex,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 "seconds": round(time.time() - self._t0, 3), **manifest}
-        full.setdefault("files", sorted(p.name for p in self.tmp.iterdir()))
+        full.setdefault("files", sorted(p.name for p in self.tmp.iterdir() if p.name != MANIFEST))
+        full["file_info"] = file_info(self.tmp)
         write_json(self.tmp / MANIFEST, full)
-        swap_folder(self.tmp, self.final)
+        try:
+            swap_folder(self.tmp, self.final)
+        except OSError as e:
+            raise PipelineError(os_error_message(e, self.final, "putting the new folder in "
+                                                 "place", other="another --data-dir")) from None
         self._committed = True
         return self.final
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if not self._committed and self.tmp.exists():
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        try:
+            if not self._committed and not self.persistent and self.tmp.exists():
+                shutil.rmtree(self.tmp, ignore_errors=True)
+        finally:
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
+        if isinstance(exc, OSError):
+            where = exc.filename if exc.filename is not None else self.tmp
+            raise PipelineError(os_error_message(exc, where, f"building {self.final}",
+                                                 other="another --data-dir")) from None
 
 
 def dtypes_of(df) -> dict[str, str]:
@@ -211,10 +596,15 @@ def write_parquet(df, path: Path) -> None:
 
 def read_parquet(path: Path, columns: list[str] | None = None):
     import pandas as pd
+    import pyarrow as pa
     if not Path(path).exists():
         raise PipelineError(f"{path} is missing although its manifest exists; rerun the stage "
                             f"that writes {Path(path).parent}")
-    return pd.read_parquet(path, columns=columns, engine="pyarrow")
+    try:
+        return pd.read_parquet(path, columns=columns, engine="pyarrow")
+    except (OSError, pa.ArrowException) as e:
+        raise PipelineError(f"{path} is unreadable ({e}); rerun the stage that writes "
+                            f"{Path(path).parent}") from None
 
 
 def read_columns(path: Path, columns: Sequence[str] | None = None) -> dict[str, Any]:

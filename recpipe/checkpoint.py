@@ -7,6 +7,7 @@ exactly.
 """
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,29 @@ def resolve_device(name: str, flag: str = "--device") -> torch.device:
 def save(obj: Any, path: Path) -> None:
     """torch.save under a temporary name, then rename (never a half-written file)."""
     with atomic_write(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:     # torch's writer reports a full disk this way
+            if "write" not in str(e).lower():
+                raise
+            raise PipelineError(f"{path}: cannot write the checkpoint ({_first_line(e)}); "
+                                f"free disk space or choose another --data-dir") from None
 
 
 def train_command(model_dir: Path) -> str:
     return (f"python 60_train.py --model {Path(model_dir).name} "
-            f"--data-dir {Path(model_dir).parent.parent}")
+            f"--data-dir {shlex.quote(str(Path(model_dir).parent.parent))}")
+
+
+def _first_line(e: Exception) -> str:
+    """One line for a failed load. torch's refusal of pickled objects is several lines and
+    suggests weights_only=False, which would run arbitrary code from the file: not offered."""
+    import pickle
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
+        return ("it holds pickled Python objects, which are not loaded (only plain tensors "
+                "and values, torch.load(weights_only=True))")
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 def build(meta: dict[str, Any], device: str | torch.device = "cpu") -> nn.Module:
@@ -66,8 +84,8 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
     try:
         meta = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling problem is a user-level error
-        raise PipelineError(f"{path} is unreadable ({type(e).__name__}: {e}); retrain with "
-                            f"`{train_command(Path(model_dir))}`")
+        raise PipelineError(f"{path} is unreadable: {_first_line(e)}; retrain with "
+                            f"`{train_command(Path(model_dir))}`") from None
     return build(meta, device), meta
 
 

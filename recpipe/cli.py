@@ -29,33 +29,32 @@ class PipelineError(Exception):
     """
 
 
-# errno -> (what went wrong, what to do), for the one-line message of an OSError
+# errno -> (what went wrong, what to do; {other} names the alternative location)
 _OS_ERRORS: dict[int, tuple[str, str]] = {
-    errno.ENOSPC: ("disk full", "free space on that file system (or choose another --data-dir) "
-                                "and run the command again"),
-    errno.EDQUOT: ("disk quota exceeded", "free space within your quota (or choose another "
-                                          "--data-dir) and run the command again"),
-    errno.EACCES: ("permission denied", "make it accessible to this user (or choose another "
-                                        "--data-dir) and run the command again"),
-    errno.EPERM: ("operation not permitted", "make it writable by this user (or choose another "
-                                             "--data-dir) and run the command again"),
-    errno.EROFS: ("read-only file system", "choose a writable --data-dir and run the command "
-                                           "again"),
-    errno.ENOTDIR: ("not a folder", "choose another --data-dir (or move that file away)"),
+    errno.ENOSPC: ("disk full", "free space on that file system (or choose {other}) and run "
+                                "the command again"),
+    errno.EDQUOT: ("disk quota exceeded", "free space within your quota (or choose {other}) "
+                                          "and run the command again"),
+    errno.EACCES: ("permission denied", "make it accessible to this user (or choose {other}) "
+                                        "and run the command again"),
+    errno.EPERM: ("operation not permitted", "make it writable by this user (or choose "
+                                             "{other}) and run the command again"),
+    errno.EROFS: ("read-only file system", "choose {other} on a writable file system"),
+    errno.ENOTDIR: ("not a folder", "choose {other} (or move that file away)"),
     errno.EISDIR: ("is a folder, expected a file", "move that folder away or pass a file"),
     errno.ENOENT: ("not found", "check the path and run the command again"),
     errno.EEXIST: ("already exists", "move it away and run the command again"),
     errno.EIO: ("input/output error", "the disk reported an error: check it, then run the "
                                       "command again"),
-    errno.EXDEV: ("on another file system", "the work folder must be on the file system of "
-                                            "--data-dir"),
+    errno.EXDEV: ("on another file system", "a folder built to be renamed into place must be "
+                                            "on the file system of its destination"),
     errno.EMFILE: ("too many open files", "raise the limit (ulimit -n) and run the command "
                                           "again"),
-    errno.ENAMETOOLONG: ("name too long", "choose a shorter --data-dir"),
+    errno.ENAMETOOLONG: ("name too long", "choose a shorter path"),
 }
 
 
-def _file_in_path(path: Path) -> Path | None:
+def file_in_path(path: Path) -> Path | None:
     """The first existing component of ``path`` that is not a folder (the cause of ENOTDIR)."""
     for p in [*reversed(Path(path).parents), Path(path)]:
         if p.exists() and not p.is_dir():
@@ -64,23 +63,24 @@ def _file_in_path(path: Path) -> Path | None:
 
 
 def os_error_message(e: OSError, path: str | Path | None = None, action: str | None = None,
-                     hint: str | None = None) -> str:
-    """One line for an OSError: ``<path>: <what>[ while <action>] (<strerror>); <hint>``.
+                     hint: str | None = None, other: str = "another location") -> str:
+    """One line for an OSError: ``<path>: <what>[, while <action>] (<strerror>); <hint>``.
 
     ``path`` is what was being read or written (default: the error's own filename);
-    ``hint`` replaces the default advice for the error number."""
+    ``hint`` replaces the default advice for the error number, in which ``other`` names the
+    alternative (e.g. "another --data-dir")."""
     where = path if path is not None else e.filename
     what, advice = _OS_ERRORS.get(e.errno, ("cannot access it", "check the path and run the "
                                                                 "command again"))
-    if e.errno == errno.ENOTDIR and where is not None:
-        blocker = _file_in_path(Path(where))
+    if e.errno == errno.ENOTDIR:
+        blocker = file_in_path(Path(where if where is not None else e.filename or "."))
         if blocker is not None:
-            what = f"not a folder: {blocker} is a file"
+            what = f"{blocker} is a file, not a folder"
     if action:
-        what = f"{what} while {action}"
+        what = f"{what}, while {action}"
     reason = e.strerror or str(e) or type(e).__name__
     head = f"{where}: " if where is not None else ""
-    return f"{head}{what} ({reason}); {hint or advice}"
+    return f"{head}{what} ({reason}); {hint or advice.format(other=other)}"
 
 
 def opt(default: Any, help: str, choices: Sequence[Any] | None = None, flag: str | None = None,
@@ -227,8 +227,8 @@ def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | 
     """Run a script's main: user errors become one line and exit code 1.
 
     So does every OSError (disk full, permission denied, read-only file system, a file where
-    a folder is expected, ...): the environment, not a bug. Other exceptions keep their
-    traceback."""
+    a folder is expected, ...): the environment, not a bug (RECPIPE_VERBOSE=1 adds its
+    traceback). Other exceptions keep their traceback."""
     setup_logging(os.environ.get("RECPIPE_VERBOSE") == "1")
     try:
         main(argv)
@@ -236,6 +236,9 @@ def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | 
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
+        if os.environ.get("RECPIPE_VERBOSE") == "1":
+            import traceback
+            traceback.print_exc()
         print(f"error: {os_error_message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -15,7 +15,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .artifacts import MANIFEST, fingerprint, read_manifest, stage_dir
+from .artifacts import (CORRUPT_FILE_ERRORS, MANIFEST, fingerprint, read_manifest,
+                        rerun_command, stage_dir)
 from .cli import PipelineError
 
 STAGE40 = "40_make_sparse_matrix"
@@ -58,12 +59,12 @@ class Data:
 def _load_npz(path: Path) -> sp.csr_matrix:
     if not path.exists():
         raise PipelineError(f"{path} is missing although its manifest exists; rerun "
-                            f"`python 40_make_sparse_matrix.py --data-dir {path.parent.parent}`")
+                            f"`{rerun_command(path.parent.parent, STAGE40)}`")
     try:
         m = sp.load_npz(path).tocsr()
-    except (OSError, ValueError) as e:
-        raise PipelineError(f"{path} is unreadable ({e}); rerun "
-                            f"`python 40_make_sparse_matrix.py --data-dir {path.parent.parent}`")
+    except CORRUPT_FILE_ERRORS as e:    # truncated or corrupt: BadZipFile, EOFError, ...
+        raise PipelineError(f"{path} is unreadable ({type(e).__name__}: {e}); rerun "
+                            f"`{rerun_command(path.parent.parent, STAGE40)}`") from None
     return m
 
 
@@ -138,11 +139,12 @@ def load_data(data_dir: str | Path, task: str, device: torch.device,
         p = d / f"{name}_candidates.npz"
         if p.exists():
             try:
-                z = np.load(p)
-                cu, ci = z["users"].astype(np.int64), z["items"].astype(np.int64)
-            except (OSError, ValueError, KeyError) as e:
-                raise PipelineError(f"{p} is unreadable or lacks users/items arrays ({e}); "
-                                    f"rerun stage 40")
+                with np.load(p) as z:
+                    cu, ci = z["users"].astype(np.int64), z["items"].astype(np.int64)
+            except CORRUPT_FILE_ERRORS as e:    # truncated or corrupt: BadZipFile, EOFError, ...
+                raise PipelineError(f"{p} is unreadable or lacks users/items arrays "
+                                    f"({type(e).__name__}: {e}); rerun "
+                                    f"`{rerun_command(data_dir, STAGE40)}`") from None
             if ci.ndim != 2 or ci.shape[0] != cu.shape[0] or ci.shape[1] < 2:
                 raise PipelineError(f"{p}: items must be [users, 1 + N] with N >= 1, got "
                                     f"{ci.shape} for {cu.shape[0]} users; rerun stage 40")

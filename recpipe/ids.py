@@ -29,6 +29,7 @@ object per rating.
 from __future__ import annotations
 
 import logging
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -346,7 +347,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if up.get("format") == "ncf":
         prefix = str((up.get("inputs") or ["PREFIX.train.rating"])[0]).split(".train.rating")[0]
         log.info("next: python 30_split_train_test.py --data-dir %s --strategy ncf --ncf-test %s",
-                 cfg.data_dir, prefix)
+                 shlex.quote(str(cfg.data_dir)), prefix)
     else:
         log.info("next: python 30_split_train_test.py --data-dir %s --strategy random",
-                 cfg.data_dir)
+                 shlex.quote(str(cfg.data_dir)))

@@ -18,6 +18,7 @@ each row.
 from __future__ import annotations
 
 import logging
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,7 +26,8 @@ from typing import Any, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from .artifacts import StageOutput, read_columns, read_manifest, stage_dir, stage_manifest
+from .artifacts import (CORRUPT_FILE_ERRORS, StageOutput, read_columns, read_manifest,
+                        rerun_command, stage_dir, stage_manifest)
 from .cli import PipelineError, opt, parse_config, print_config
 
 log = logging.getLogger("recpipe")
@@ -120,7 +122,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                               if explicit.nnz > 1 else None)
             neg_path = src / f"{name}_negatives.npy"
             if name != "train" and neg_path.exists():
-                cand = candidates(df, np.load(neg_path), neg_path)
+                try:        # a truncated or corrupt file: one line naming its rebuild
+                    negatives = np.load(neg_path, allow_pickle=False)
+                except CORRUPT_FILE_ERRORS as e:
+                    raise PipelineError(
+                        f"{neg_path} is unreadable ({type(e).__name__}: {e}); rebuild it with "
+                        f"`{rerun_command(cfg.data_dir, UPSTREAM)}`") from None
+                cand = candidates(df, negatives, neg_path)
                 np.savez(out.path(f"{name}_candidates.npz"), **cand)
                 n_candidates[name] = int(len(cand["users"]))
             del df, explicit, implicit
@@ -145,4 +153,4 @@ def main(argv: Sequence[str] | None = None) -> None:
              nnz["test"], nnz["train_implicit"], nnz["valid_implicit"], nnz["test_implicit"],
              "n/a" if global_mean is None else f"{global_mean:.4f}", task,
              stage_dir(cfg.data_dir, STAGE))
-    log.info("next: python 60_train.py --data-dir %s", cfg.data_dir)
+    log.info("next: python 60_train.py --data-dir %s", shlex.quote(str(cfg.data_dir)))

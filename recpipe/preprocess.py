@@ -8,6 +8,7 @@ source has titles) and ``manifest.json`` last.
 from __future__ import annotations
 
 import re
+import shlex
 import tempfile
 import time
 from dataclasses import dataclass
@@ -271,7 +272,7 @@ def write_artifact(raw: readers.RawRatings, cfg: Config, argv, out: StageOutput,
     if raw.n_unrated:
         log.info("%s rows had no rating (-1): %s", f"{raw.n_unrated:,}",
                  "kept with rating NaN" if cfg.keep_unrated else "dropped (--keep-unrated keeps them)")
-    log.info("next: python 20_make_ids.py --data-dir %s", cfg.data_dir)
+    log.info("next: python 20_make_ids.py --data-dir %s", shlex.quote(str(cfg.data_dir)))
     return final
 
 

@@ -173,6 +173,10 @@ def show(df: pd.DataFrame, title: str) -> None:
 def write_table(df: pd.DataFrame, path: Path) -> None:
     """Write ``df`` as CSV or Parquet (by extension), atomically."""
     path = Path(path)
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise PipelineError(f"--out {path}: {blocker} is a file, not a folder; choose another "
+                            f"--out path")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as tmp:

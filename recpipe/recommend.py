@@ -18,6 +18,7 @@ Everything that ranks is deterministic: equal scores are broken by the lower ite
 from __future__ import annotations
 
 import logging
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -405,15 +406,21 @@ def _fallback(rec: Recommender, cfg: RecommendConfig, why: str) -> pd.DataFrame 
 
 def recommend_user(rec: Recommender, cfg: RecommendConfig) -> pd.DataFrame | None:
     raw = parse_raw_id(cfg.user, rec.users["raw_user_id"], "user")
-    u = int(lookup(rec.user_index(), [raw])[0]) if raw is not None else -1
+    if raw is None:                     # not even of the id type: a typo, not a new user
+        raise PipelineError(f"unknown user {cfg.user!r}: the id is not an integer, and this "
+                            f"dataset's raw user ids are integers (e.g. "
+                            f"{_py(rec.users['raw_user_id'].iloc[0])!r}); check the id, or fold "
+                            f"a new user in with `python {PROG} --model {rec.name} --data-dir "
+                            f"{shlex.quote(str(rec.data_dir))} --ratings FILE`")
+    u = int(lookup(rec.user_index(), [raw])[0])
     if u < 0:
         kind = "integers" if _ids_are_integers(rec.users["raw_user_id"]) else "strings"
         example = _py(rec.users["raw_user_id"].iloc[0])
         msg = (f"unknown user {cfg.user!r}: not among the {rec.n_users} users the model was "
                f"trained on (raw user ids here are {kind}, e.g. {example!r}). To recommend for a "
                f"new user without retraining, write their ratings as 'raw_item_id, rating' lines "
-               f"and run `python {PROG} --model {rec.name} --data-dir {rec.data_dir} --ratings "
-               f"FILE`")
+               f"and run `python {PROG} --model {rec.name} --data-dir "
+               f"{shlex.quote(str(rec.data_dir))} --ratings FILE`")
         if not cfg.fallback:
             raise PipelineError(msg)
         print(f"note: {msg}")
@@ -501,6 +508,10 @@ def recommend_batch(rec: Recommender, cfg: RecommendConfig) -> pd.DataFrame:
         print(f"note: {len(unknown)} unknown user id(s) {what}: {shown}{more}; fold new users "
               f"in with --ratings")
     known = idx[idx >= 0]
+    if len(known) == 0 and not cfg.fallback:
+        raise PipelineError(f"--batch {cfg.batch}: none of its {len(raws)} user ids is known to "
+                            f"the model and --no-fallback leaves nothing to write; fold new "
+                            f"users in with --ratings, or drop --no-fallback")
     t0 = time.perf_counter()
     items, scores = rank_items(rec.model, known, rec.train[known], cfg.k, rec.device,
                                cfg.chunk_users)

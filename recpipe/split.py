@@ -46,6 +46,7 @@ row of negatives is in ascending item order.
 from __future__ import annotations
 
 import logging
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -56,6 +57,9 @@ import pandas as pd
 from .artifacts import (StageOutput, dtypes_of, read_columns, read_manifest, read_parquet,
                         stage_dir, stage_manifest, write_parquet)
 from .cli import PipelineError, opt, parse_config, print_config, set_seed
+from .holdout import (DROPPED, TEST, TRAIN, VALID, _order_by, _round_half_up, in_sorted, pair_keys,  # noqa: F401
+                      per_user_holdout, random_holdout, rank_from_end, sample_negatives,
+                      sorted_keys)
 from .readers import read_ncf_test, read_probe
 
 log = logging.getLogger("recpipe")
@@ -75,166 +79,11 @@ DESCRIPTION = (
     "ratings whose user or item has no train rating follow --unseen; all counts go to the "
     "manifest.")
 IMPLICIT_STRATEGIES = ("loo", "ncf")
-TRAIN, VALID, TEST, DROPPED = 0, 1, 2, -1
 PART_NAMES = {TRAIN: "train", VALID: "valid", TEST: "test"}
 
 
 # ---------------------------------------------------------------------------------------
 # vectorised building blocks
-
-
-def pair_keys(u: np.ndarray, i: np.ndarray, n_items: int) -> np.ndarray:
-    """user * n_items + item as int64: one sortable key per (user, item) pair."""
-    return np.asarray(u, dtype=np.int64) * np.int64(n_items) + np.asarray(i, dtype=np.int64)
-
-
-def sorted_keys(u: np.ndarray, i: np.ndarray, n_items: int) -> np.ndarray:
-    k = pair_keys(u, i, n_items)
-    if len(k) > 1 and not (k[1:] >= k[:-1]).all():
-        k = np.sort(k)
-    return k
-
-
-def in_sorted(keys: np.ndarray, sorted_ref: np.ndarray) -> np.ndarray:
-    """Membership of ``keys`` in the sorted array ``sorted_ref`` (any shape)."""
-    if len(sorted_ref) == 0:
-        return np.zeros(np.shape(keys), dtype=bool)
-    pos = np.searchsorted(sorted_ref, keys)
-    np.minimum(pos, len(sorted_ref) - 1, out=pos)
-    return sorted_ref[pos] == keys
-
-
-def _order_by(u: np.ndarray, primary: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
-    """Row order by (u, primary, tiebreak), with a single stable argsort when possible."""
-    n = len(u)
-    if n > 1 and primary.dtype.kind in "iu":
-        lo, hi = int(primary.min()), int(primary.max())
-        span = hi - lo + 1
-        rows_in_tb_order = bool(np.all((u[1:] > u[:-1])
-                                       | ((u[1:] == u[:-1]) & (tiebreak[1:] >= tiebreak[:-1]))))
-        if rows_in_tb_order and (int(u.max()) + 1) * span < 2**62:
-            key = u.astype(np.int64) * np.int64(span) + (primary.astype(np.int64) - lo)
-            return np.argsort(key, kind="stable")  # ties keep row order = tiebreak order
-    return np.lexsort((tiebreak, primary, u))
-
-
-def rank_from_end(u: np.ndarray, primary: np.ndarray, tiebreak: np.ndarray, n_users: int,
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, how many of the user's rows come after it in (primary, tiebreak) order.
-
-    0 marks the user's last (latest) row. Returns (ranks, ratings per user).
-    """
-    order = _order_by(u, primary, tiebreak)
-    counts = np.bincount(u, minlength=n_users)
-    starts = np.cumsum(counts) - counts
-    us = u[order]
-    pos = np.arange(len(u), dtype=np.int64) - starts[us]
-    ranks = np.empty(len(u), dtype=np.int64)
-    ranks[order] = counts[us] - 1 - pos
-    return ranks, counts
-
-
-def _round_half_up(x: np.ndarray) -> np.ndarray:
-    return np.floor(x + 0.5).astype(np.int64)
-
-
-def per_user_holdout(u: np.ndarray, primary: np.ndarray, tiebreak: np.ndarray, n_users: int,
-                     test_ratio: float, valid_ratio: float) -> np.ndarray:
-    """Part labels: each user's last round(ratio * n_u) rows (in primary order) are test,
-    the next round(valid_ratio * rest) valid; at least one row per user stays in train."""
-    ranks, counts = rank_from_end(u, primary, tiebreak, n_users)
-    n_test = np.minimum(_round_half_up(counts * test_ratio), np.maximum(counts - 1, 0))
-    rest = counts - n_test
-    n_valid = np.minimum(_round_half_up(rest * valid_ratio), np.maximum(rest - 1, 0))
-    part = np.full(len(u), TRAIN, dtype=np.int8)
-    nt = n_test[u]
-    part[ranks < nt] = TEST
-    part[(ranks >= nt) & (ranks < nt + n_valid[u])] = VALID
-    return part
-
-
-def random_holdout(n: int, ratio: float, rng: np.random.Generator,
-                   among: np.ndarray | None = None) -> np.ndarray:
-    """Indices of round(ratio * len) rows drawn without replacement (from ``among``)."""
-    pool = np.arange(n) if among is None else among
-    k = int(_round_half_up(np.array(len(pool) * ratio)))
-    if k == 0:
-        return np.empty(0, dtype=np.int64)
-    return np.sort(pool[rng.permutation(len(pool))[:k]])
-
-
-def sample_negatives(users: np.ndarray, n_neg: int, n_items: int, rated_keys: np.ndarray,
-                     rng: np.random.Generator, chunk_entries: int = 2_000_000,
-                     max_rounds: int = 64) -> np.ndarray:
-    """``n_neg`` distinct items per row of ``users`` that the user never rated.
-
-    ``rated_keys``: sorted user * n_items + item keys of everything each user interacted
-    with. Returns int32 [len(users), n_neg], each row a uniform draw without replacement
-    from the user's unrated items (seeded by ``rng``), in ascending item order.
-
-    Per chunk of rows: draw the whole [rows, N] block, sort each row, reject entries equal
-    to their left neighbour (repeats) or found among the rated keys (searchsorted into the
-    chunk's slice of ``rated_keys``), redraw only those, repeat. Rows still rejected after
-    ``max_rounds`` (users who rated nearly every item) take an exact draw from their
-    complement. Memory is bounded by the chunk size.
-    """
-    users = np.asarray(users, dtype=np.int64)
-    m = len(users)
-    out = np.empty((m, n_neg), dtype=np.int32)
-    if m == 0 or n_neg == 0:
-        return out
-    n_rated = (np.searchsorted(rated_keys, (users + 1) * n_items)
-               - np.searchsorted(rated_keys, users * n_items))
-    short = n_items - n_rated < n_neg
-    if short.any():
-        j = int(np.flatnonzero(short)[0])
-        raise PipelineError(
-            f"{int(short.sum())} users have fewer than {n_neg} items they never rated (e.g. "
-            f"user_idx {int(users[j])} rated {int(n_rated[j])} of {n_items} items), so "
-            f"{n_neg} distinct negatives cannot be drawn; lower --negatives")
-    step = max(1, chunk_entries // n_neg)
-    for a in range(0, m, step):
-        out[a:a + step] = _sample_chunk(users[a:a + step], n_neg, n_items, rated_keys, rng,
-                                        max_rounds)
-    return out
-
-
-def _sample_chunk(cu: np.ndarray, n_neg: int, n_items: int, rated_keys: np.ndarray,
-                  rng: np.random.Generator, max_rounds: int) -> np.ndarray:
-    ref = rated_keys
-    if len(cu) > 1 and (cu[1:] >= cu[:-1]).all():  # sorted users: a contiguous slice
-        ref = rated_keys[np.searchsorted(rated_keys, cu[0] * n_items):
-                         np.searchsorted(rated_keys, (cu[-1] + 1) * n_items)]
-    cand = rng.integers(0, n_items, size=(len(cu), n_neg), dtype=np.int64)
-    cand.sort(axis=1)
-    todo = np.arange(len(cu))
-    rounds = 0
-    while len(todo):
-        sub = cand[todo]
-        bad = np.zeros(sub.shape, dtype=bool)
-        bad[:, 1:] = sub[:, 1:] == sub[:, :-1]
-        bad |= in_sorted(sub + cu[todo, None] * n_items, ref)
-        rows = bad.any(axis=1)
-        todo, sub, bad = todo[rows], sub[rows], bad[rows]
-        if not len(todo):
-            break
-        rounds += 1
-        if rounds > max_rounds:
-            for r in todo:  # rare: users who rated nearly every item
-                lo = np.searchsorted(rated_keys, cu[r] * n_items)
-                hi = np.searchsorted(rated_keys, (cu[r] + 1) * n_items)
-                allowed = np.setdiff1d(np.arange(n_items), rated_keys[lo:hi] - cu[r] * n_items)
-                cand[r] = np.sort(rng.choice(allowed, n_neg, replace=False))
-            break
-        sub[bad] = rng.integers(0, n_items, size=int(bad.sum()), dtype=np.int64)
-        sub.sort(axis=1)
-        cand[todo] = sub
-    return cand.astype(np.int32)
-
-
-# ---------------------------------------------------------------------------------------
-# strategies: one signature, fn(ratings, cfg, ctx) -> SplitOutcome (part labels over the
-# stage-20 ratings rows + details); STRATEGIES maps each --strategy name to its function
 
 
 @dataclass
@@ -702,4 +551,4 @@ def main(argv: Sequence[str] | None = None) -> None:
              cfg.seed, sizes["train"], sizes["valid"], sizes["test"],
              f", {n_neg} negatives per held-out row" if n_neg else "",
              stage_dir(cfg.data_dir, STAGE))
-    log.info("next: python 40_make_sparse_matrix.py --data-dir %s", cfg.data_dir)
+    log.info("next: python 40_make_sparse_matrix.py --data-dir %s", shlex.quote(str(cfg.data_dir)))

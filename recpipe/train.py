@@ -1,9 +1,11 @@
 """Stage 60: train a model on stage 40's artifact; select on validation, report test once.
 
 Reads DATA_DIR/40_make_sparse_matrix/ and writes DATA_DIR/60_train/<model>/:
-model.pt (best weights + metadata), checkpoint.pt (last completed epoch, for --resume),
-history.csv, metrics.json, curve.png and manifest.json (written last; removed when a run
-starts, so an interrupted run never looks finished).
+model.pt (the final weights + metadata), selected.pt (the model selected on validation,
+when refitted), checkpoint.pt (last completed epoch), history.csv, metrics.json, curve.png
+and manifest.json (written last). The folder is built beside the published one, in
+``60_train/.<model>.work/`` (which also holds the checkpoint an interrupted run resumes
+from), under the stage's lock, and swapped in when the run finishes.
 
 The trainer is generic over the model families (``models.py``, through
 ``recpipe.family.Family``): it builds the family from its options, fits it by epochs of
@@ -23,6 +25,8 @@ import dataclasses
 import json
 import logging
 import math
+import shlex
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 import models as _models  # noqa: F401 - registers the built-in families
-from .artifacts import read_manifest, stage_dir, upstream_entry, write_json
+from .artifacts import StageOutput, read_manifest, stage_dir, upstream_entry, write_json
 from .checkpoint import load_model, resolve_device, rng_state, save, set_rng_state
 from .cli import (PipelineError, command_line, config_dict, parse_config, print_config,
                   progress_disabled, set_seed)
@@ -377,13 +381,41 @@ def run(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     if cfg.task != "explicit" and not data.candidates:
         log.info("implicit task without sampled candidates (random split): evaluating full "
                  "ranking only (full_hr@10, full_ndcg@10, full_recall@20)")
-    out_dir = stage_dir(cfg.data_dir, STAGE) / cfg.model
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise PipelineError(f"cannot create {out_dir}: {e.strerror}; choose another "
-                            f"--data-dir") from None
-    (out_dir / "manifest.json").unlink(missing_ok=True)   # not finished until written again
+    final_dir = stage_dir(cfg.data_dir, STAGE) / cfg.model
+    # the run builds its folder beside the published one (the work folder also holds the
+    # checkpoint --resume continues from) and swaps it in at the end: a failed, refused,
+    # diverged or killed run leaves the previous model, metrics and manifest as they were
+    work = work_dir(cfg.data_dir, cfg.model)
+    with StageOutput(cfg.data_dir, f"{STAGE}/{cfg.model}", work_dir=work) as out:
+        _prepare_work(work, final_dir, cfg.resume)
+        metrics, manifest = _train_and_test(cfg, data, work, command, up40)
+        out.commit(manifest)
+    return metrics
+
+
+def work_dir(data_dir: Path, model: str) -> Path:
+    """Where a stage-60 run of ``model`` builds its output and keeps its resumable
+    checkpoint until it finishes: ``DATA_DIR/60_train/.<model>.work/``."""
+    return stage_dir(data_dir, STAGE) / f".{model}.work"
+
+
+def _prepare_work(work: Path, final_dir: Path, resume: bool) -> None:
+    """A fresh run starts from an empty work folder. --resume continues the checkpoint of
+    the interrupted run there, else that of the finished run in the published folder."""
+    if not resume and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    ck = work / "checkpoint.pt"
+    if resume and not ck.exists() and (final_dir / "checkpoint.pt").exists():
+        shutil.copy2(final_dir / "checkpoint.pt", ck)
+        if (final_dir / "history.csv").exists():
+            shutil.copy2(final_dir / "history.csv", work / "history.csv")
+
+
+def _train_and_test(cfg: TrainConfig, data: Data, out_dir: Path, command: str,
+                    up40: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Selection on validation, the refit, the one test evaluation; writes every file of
+    the stage into ``out_dir`` and returns (metrics.json, the manifest to commit)."""
     trainer = Trainer(cfg, data, out_dir, command)
     cfg = trainer.cfg                          # with the data-dependent choices made
     if cfg.resume:
@@ -436,20 +468,19 @@ def run(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
                "epochs_run": trainer.epoch, "selection_metric": trainer.metric,
                "train_seconds": round(trainer.train_seconds, 3), "config": config_dict(cfg)}
     write_json(out_dir / "metrics.json", metrics)
-    write_json(out_dir / "manifest.json", {
+    manifest = {
         "stage": STAGE, "model": cfg.model, "task": cfg.task,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "n_users": data.n_users, "n_items": data.n_items, "dataset": up40.get("dataset"),
         "best_epoch": trainer.best_epoch, "valid": valid, "test": test,
         "files": ["model.pt", "checkpoint.pt", "history.csv", "metrics.json", "curve.png"]
         + (["selected.pt"] if cfg.refit else []),
         "config": config_dict(cfg), "command": command,
-        "upstream": upstream_entry(cfg.data_dir, STAGE40)})
+        "upstream": upstream_entry(cfg.data_dir, STAGE40)}
     log.info("best epoch %d of %d (validation %s)", trainer.best_epoch, trainer.epoch,
              trainer.metric)
     log.info("valid: %s", _metric_line(valid))
     log.info("test:  %s", _metric_line(test))
-    return metrics
+    return metrics, manifest
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -461,5 +492,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                       "best_epoch": metrics["best_epoch"],
                       "train_seconds": metrics["train_seconds"]}, indent=None))
     log.info("wrote %s; next: `python 70_recommend.py --data-dir %s --model %s`", out,
-             cfg.data_dir, cfg.model)
+             shlex.quote(str(cfg.data_dir)), cfg.model)
     return metrics

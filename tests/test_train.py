@@ -168,7 +168,9 @@ def test_ctrl_c_mid_epoch_then_resume_equals_uninterrupted_run(ml100k_random, mo
     with pytest.raises(KeyboardInterrupt):
         run(_cfg(ml100k_random, *args))
     assert not (out / "manifest.json").exists()          # an interrupted run is not finished
-    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    # the interrupted run's checkpoint is in its work folder, beside the published one
+    from recpipe.train import work_dir
+    ck = torch.load(work_dir(ml100k_random, "mf") / "checkpoint.pt", weights_only=True)
     assert ck["epoch"] == 1 and len(ck["history"]) == 1
     monkeypatch.setattr(Optimizers, "step", real_step)
     resumed = run(_cfg(ml100k_random, *args, "--resume"))

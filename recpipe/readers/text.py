@@ -104,11 +104,17 @@ def check_text(data: bytes, path: Path, expected: str) -> None:
 
 
 def decode_text(data: bytes) -> str:
-    """UTF-8 when the bytes are valid UTF-8, else ISO-8859-1 (Netflix titles, u.item, movies.dat)."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("iso-8859-1")
+    """UTF-8 when the bytes are valid UTF-8, else Windows-1252, else ISO-8859-1 (Netflix
+    titles, u.item, movies.dat). Windows-1252 equals ISO-8859-1 except in 0x80-0x9F, where
+    ISO-8859-1 has control characters and Windows-1252 the curly quotes, dashes and euro
+    sign that files saved on Windows carry; five bytes there are undefined in it, and a file
+    with those falls back to ISO-8859-1."""
+    for encoding in ("utf-8", "cp1252"):
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            pass
+    return data.decode("iso-8859-1")
 
 
 def text_lines(data: bytes):
