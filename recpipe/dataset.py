@@ -242,3 +242,25 @@ def with_valid_in_train(data: Data) -> Data:
     csr = (data.train_csr + vcsr).tocsr()
     csr.data[:] = 1.0
     return dataclasses.replace(data, train=train, train_keys=keys, train_csr=csr)
+
+
+def sample_users(data: Data, part: str, n: int, seed: int) -> tuple[Data, int, int]:
+    """``data`` whose ``part`` (its pairs and its candidates) is restricted to a fixed sample
+    of ``n`` of its users, drawn with ``seed`` (NumPy, so the training RNG is untouched);
+    returns (data, users kept, users in the part). ``n`` = 0 or more than the part has: the
+    data as it is."""
+    p = getattr(data, part)
+    users = np.unique(p.users.cpu().numpy())
+    if n <= 0 or len(users) <= n:
+        return data, len(users), len(users)
+    keep = np.sort(np.random.default_rng([seed, 7]).choice(users, n, replace=False))
+    mask = torch.zeros(data.n_users, dtype=torch.bool, device=p.users.device)
+    mask[torch.from_numpy(keep).to(p.users.device)] = True
+    sel = mask[p.users]
+    sub = Part(users=p.users[sel], items=p.items[sel], ratings=p.ratings[sel])
+    cands = dict(data.candidates)
+    if part in cands:
+        cu, ci = cands[part]
+        cs = mask[cu]
+        cands[part] = (cu[cs], ci[cs])
+    return dataclasses.replace(data, **{part: sub}, candidates=cands), len(keep), len(users)

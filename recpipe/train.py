@@ -39,7 +39,7 @@ from .artifacts import StageOutput, read_manifest, stage_dir, upstream_entry, wr
 from .checkpoint import load_model, resolve_device, rng_state, save, set_rng_state
 from .cli import (PipelineError, command_line, config_dict, parse_config, print_config,
                   progress_disabled, set_seed)
-from .dataset import STAGE40, Data, KeySet, load_data, with_valid_in_train
+from .dataset import STAGE40, Data, KeySet, load_data, sample_users, with_valid_in_train
 from .evaluation import evaluate, selection_metric
 from .family import Family, family
 from .objectives import RowL2, for_task
@@ -89,6 +89,13 @@ class Trainer:
             if self.by_epochs else None
         self.l2 = RowL2(self.model.row_sparse_tables())
         self.metric, self.higher = selection_metric(cfg.task, data)
+        # per-epoch validation on a bounded, fixed sample of users (the final one uses all)
+        self.epoch_data, self.valid_epoch_users, self.valid_users = sample_users(
+            data, "valid", cfg.valid_users, cfg.seed)
+        if not is_refit and self.valid_epoch_users < self.valid_users:
+            log.info("per-epoch validation on a fixed sample of %d of the %d validation users "
+                     "(--valid-users, seed %d); the final validation and the test use all "
+                     "users", self.valid_epoch_users, self.valid_users, cfg.seed)
         self.epoch = 0
         self.saved_epoch = 0          # the epoch checkpoint.pt holds
         self.best = -math.inf if self.higher else math.inf
@@ -304,7 +311,7 @@ class Trainer:
                 log.info("refit epoch %3d/%d  loss %.4f  %.1fs  %.0f samples/s", self.epoch,
                          epochs, loss, t_train, samples / max(t_train, 1e-9))
                 continue
-            valid = evaluate(self.model, self.data, "valid", cfg.task, cfg.eval_batch,
+            valid = evaluate(self.model, self.epoch_data, "valid", cfg.task, cfg.eval_batch,
                              full=False)
             secs = time.perf_counter() - t0
             self.train_seconds += t_train
@@ -466,6 +473,8 @@ def _train_and_test(cfg: TrainConfig, data: Data, out_dir: Path, command: str,
     metrics = {"test": test, "valid": valid, "best_epoch": trainer.best_epoch,
                "refit_on_train_valid": bool(cfg.refit),
                "epochs_run": trainer.epoch, "selection_metric": trainer.metric,
+               "valid_users": trainer.valid_users,
+               "valid_epoch_users": trainer.valid_epoch_users,
                "train_seconds": round(trainer.train_seconds, 3), "config": config_dict(cfg)}
     write_json(out_dir / "metrics.json", metrics)
     manifest = {

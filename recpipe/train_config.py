@@ -85,6 +85,11 @@ class TrainConfig:
     amp: bool = opt(True, "bf16 autocast on CUDA (ignored on CPU)")
     threads: int = opt(0, "CPU threads for torch (0 = torch's default)")
     eval_batch: int = opt(0, "users per full-ranking evaluation block (0 = automatic)")
+    valid_users: int = opt(50_000, "per-epoch selection evaluates a fixed, seeded sample of "
+                           "this many validation users when the validation part has more "
+                           "(full ranking of every item for 440k Netflix users would cost more "
+                           "than the epoch); the final validation and the test use every "
+                           "user; 0 = always all")
     max_seconds: float = opt(0.0, "stop training after this many seconds (0 = no limit); "
                              "the best epoch so far is kept")
 
@@ -102,6 +107,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not (v >= 0 and math.isfinite(v)):
                 raise PipelineError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+        if self.valid_users < 0:
+            raise PipelineError(f"--valid-users must be >= 0 (0 = all), got {self.valid_users}")
         if self.batch_size is not None and self.batch_size < 0:
             raise PipelineError(f"--batch-size must be >= 0 (0 = full batch), "
                                 f"got {self.batch_size}")

@@ -346,3 +346,33 @@ def test_a_validation_metric_that_never_moves_is_reported(tmp_path, monkeypatch,
         t.l2.close()
     assert t.epoch == 3 and t.best_epoch == 1             # stopped by patience
     assert "stayed at 1.25 for all 3 epochs" in caplog.text
+
+
+def test_per_epoch_validation_uses_a_fixed_bounded_sample_of_users(tmp_path, monkeypatch):
+    """Above --valid-users, every epoch is scored on the same seeded sample of validation
+    users (cost bounded); the final validation and the test use every user."""
+    import recpipe.train as train_mod
+    data = _synthetic_data("explicit")                     # 60 users, all in valid
+    seen = []
+    real = train_mod.evaluate
+
+    def spy(model, d, part, *a, **k):
+        seen.append((part, frozenset(d.valid.users.tolist()), len(d.valid)))
+        return real(model, d, part, *a, **k)
+
+    monkeypatch.setattr(train_mod, "evaluate", spy)
+    cfg = TrainConfig(model="mf", batch_size=256, epochs=3, patience=5, valid_users=20).resolved()
+    t = Trainer(cfg, data, tmp_path, "test")
+    t.fit()
+    t.l2.close()
+    epochs = [s for s in seen if s[0] == "valid"]
+    assert len(epochs) == 3 and len({s[1] for s in epochs}) == 1       # one fixed sample
+    assert len(epochs[0][1]) == 20 and epochs[0][2] < len(data.valid)
+    assert (t.valid_epoch_users, t.valid_users) == (20, 60)
+    again = Trainer(cfg, data, tmp_path, "test")                       # same seed: same sample
+    assert set(again.epoch_data.valid.users.tolist()) == set(epochs[0][1])
+    again.l2.close()
+    full = Trainer(TrainConfig(model="mf", batch_size=256, epochs=1).resolved(), data,
+                   tmp_path, "test")
+    assert full.epoch_data is data and full.valid_epoch_users == 60     # default 50,000: all
+    full.l2.close()
