@@ -23,7 +23,7 @@ USER_ID     ?=
 K           ?= 10
 REC_ARGS    ?=
 
-COMMON  := recpipe/__init__.py recpipe/cli.py recpipe/artifacts.py
+COMMON  := recpipe/__init__.py recpipe/cli.py recpipe/artifacts.py recpipe/durable.py
 S10 := $(DATA)/10_preprocessing/manifest.json
 S20 := $(DATA)/20_make_ids/manifest.json
 S30 := $(DATA)/30_split_train_test/manifest.json

@@ -5,7 +5,8 @@ Where things live: model families in ``models.py`` (the interface they declare:
 ``scoring.py``; which metrics on which part in ``evaluation.py`` (their definitions in
 ``metrics.py``); checkpoints and the device in ``checkpoint.py``; raw formats in
 ``formats.py`` (the registry) over ``readers/``; split strategies in ``split.STRATEGIES``;
-atomic writes and stage folders in ``artifacts.py``.
+stage folders and manifests in ``artifacts.py`` over the durable writes, folder swaps and
+lock of ``durable.py``.
 
 Artifact contract (each stage writes DATA_DIR/<stage>/ and a manifest.json last):
 

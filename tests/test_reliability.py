@@ -179,7 +179,7 @@ _KILL_BETWEEN_RENAMES = textwrap.dedent("""
         real(src, dst)
         if Path(src) == final:          # the old folder is aside, the new one not yet in place
             os.kill(os.getpid(), signal.SIGKILL)
-    artifacts.os.replace = replace
+    os.replace = replace                # the module every publishing rename goes through
     with artifacts.StageOutput(sys.argv[1], "20_make_ids") as out:
         out.path("payload.txt").write_text("v2")
         out.commit({})
@@ -301,7 +301,7 @@ def test_write_helpers_name_the_file_they_write(tmp_path, monkeypatch, capsys, c
 
     def replace(src, dst):
         raise OSError(code, os.strerror(code), str(src))
-    monkeypatch.setattr(artifacts.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)         # every publishing rename
     assert run_main(lambda argv: write_json(target, {"a": 1}), []) == 1
     line = _one_error_line(capsys)
     assert line.startswith(f"error: {target}: {what}, while writing it ({os.strerror(code)}); ")
