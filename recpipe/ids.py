@@ -23,8 +23,10 @@ Policies (stated here and stored in the manifest):
   item meets its minimum (iterative k-core). The number of passes is in the manifest.
 * ``ratings.parquet`` is sorted by (user_idx, item_idx) and has one row per pair.
 
-Everything is vectorised (pandas factorize, numpy lexsort/bincount/reduceat): no Python
-object per rating.
+Everything is vectorised (a lookup table or pandas factorize for the ids, one in-place
+int64 sort, numpy bincount/reduceat): no Python object per rating. Memory (Netflix shape,
+100M ratings): about 34 bytes a rating at the peak; the columns are read one at a time and
+dropped once used.
 """
 from __future__ import annotations
 
@@ -78,7 +80,23 @@ class IdResult:
     stats: dict[str, Any]
 
 
-def _factorize_sorted(values: pd.Series, what: str, source: str) -> tuple[np.ndarray, Any]:
+DENSE_SLACK = 1 << 20  # dense id table: up to len(values) + this many slots (5 bytes each)
+CHUNK = 1 << 20  # rows per step where a whole-array temporary would cost 8 bytes per rating
+PACK_BITS = 63  # pair key and row number packed into one int64 when they fit in this many
+
+
+def _factorize_sorted(values: Any, what: str, source: str) -> tuple[np.ndarray, Any]:
+    """int32 codes numbering the distinct values in ascending order, and those values.
+
+    Non-negative integer ids no larger than about the number of ratings (Netflix: < 2.7M)
+    take a lookup table (a few MB, no hashing, no int64 codes); anything else pd.factorize.
+    Both give the same codes and uniques.
+    """
+    arr = values.to_numpy() if (isinstance(values, pd.Series)
+                                and isinstance(values.dtype, np.dtype)) else values
+    if (isinstance(arr, np.ndarray) and arr.dtype.kind in "iu" and len(arr)
+            and arr.min() >= 0 and int(arr.max()) < len(arr) + DENSE_SLACK):
+        return _dense_codes(arr)
     codes, uniques = pd.factorize(values, sort=True, use_na_sentinel=True)
     if len(codes) and codes.min() < 0:
         row = int(np.flatnonzero(codes < 0)[0])
@@ -87,53 +105,107 @@ def _factorize_sorted(values: pd.Series, what: str, source: str) -> tuple[np.nda
     return codes.astype(np.int32), uniques  # ids < 2**31; half the memory of intp
 
 
-def _dedupe(u_code: np.ndarray, i_code: np.ndarray, n_items: int, ts: np.ndarray | None,
-            rating: np.ndarray, policy: str,
-            ) -> tuple[np.ndarray, np.ndarray | None, dict[str, int]]:
-    """Rows to keep (sorted by (user, item)) and, for ``mean``, the new ratings.
+def _dense_codes(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    present = np.zeros(int(arr.max()) + 1, dtype=bool)
+    present[arr] = True
+    remap = np.cumsum(present, dtype=np.int32)
+    remap -= 1
+    return remap[arr], np.flatnonzero(present).astype(arr.dtype)
 
-    One stable argsort of the keys user_code * n_items + item_code; only the rows of
-    duplicated pairs are then ordered by timestamp. Returns (row indices, mean ratings or
-    None, counts).
+
+def _sort_by_pair(u_code: np.ndarray, i_code: np.ndarray, n_items: int,
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, keys): the row order by (user, item), equal pairs in file order, and the sorted
+    pair keys user * n_items + item (int64).
+
+    When key and row number fit in 63 bits together (Netflix: 33 + 27) they are packed into
+    one int64 and sorted in place: the keys are then distinct, so an unstable sort gives the
+    stable order, at 8 bytes a rating and a fraction of the time of a stable argsort.
     """
     n = len(u_code)
-    key = u_code.astype(np.int64) * np.int64(max(n_items, 1)) + i_code
-    order = np.argsort(key, kind="stable")  # equal keys keep file order
+    n_items = max(n_items, 1)
+    n_users = int(u_code.max()) + 1 if n else 1
+    row_bits = max(n - 1, 1).bit_length()
+    key_bits = (n_users * n_items - 1).bit_length()
+    if key_bits + row_bits > PACK_BITS or row_bits > 31:  # huge: stable argsort of the keys
+        key = u_code.astype(np.int64) * np.int64(n_items) + i_code
+        rows = np.argsort(key, kind="stable")
+        return rows, key[rows]
+    packed = u_code.astype(np.int64)
+    packed *= n_items
+    packed += i_code
+    packed <<= row_bits
+    for s in range(0, n, CHUNK):
+        packed[s:s + CHUNK] |= np.arange(s, min(s + CHUNK, n), dtype=np.int64)
+    packed.sort()
+    rows = packed.astype(np.int32)  # the low 32 bits, then the row number's bits
+    rows &= np.int32((1 << row_bits) - 1)
+    packed >>= row_bits
+    return rows, packed
+
+
+def _dedupe(keys: np.ndarray, ts: np.ndarray | None, rating: np.ndarray, policy: str,
+            ) -> tuple[np.ndarray | None, np.ndarray | None, dict[str, int]]:
+    """Positions to keep in the (user, item)-sorted rows (None: all) and, for ``mean``, the
+    new ratings.
+
+    ``keys``, ``ts`` and ``rating`` are in (user, item) order, equal pairs in file order, so
+    "last in file order" is the last position of a pair. With timestamps the pick is the
+    pair's latest (``first``: earliest) timestamp, ties by position. Returns (positions,
+    mean ratings or None, counts).
+    """
+    n = len(keys)
+    none = {"removed_rows": 0, "duplicated_pairs": 0}
     if n == 0:
-        return order, None, {"removed_rows": 0, "duplicated_pairs": 0}
-    sk = key[order]
-    del key
+        return None, None, none
     new_group = np.empty(n, dtype=bool)
     new_group[0] = True
-    np.not_equal(sk[1:], sk[:-1], out=new_group[1:])
+    np.not_equal(keys[1:], keys[:-1], out=new_group[1:])
     n_groups = int(np.count_nonzero(new_group))
     if n_groups == n:  # the common case: no duplicates, nothing more to allocate
-        return order, None, {"removed_rows": 0, "duplicated_pairs": 0}
+        return None, None, none
     starts = np.flatnonzero(new_group)
     del new_group
     sizes = np.diff(starts, append=n)
     counts = {"removed_rows": int(n - n_groups), "duplicated_pairs": int((sizes > 1).sum())}
-    ends = starts + sizes - 1
     latest = policy in ("latest", "mean")
-    pick = order[ends] if latest else order[starts]  # by file order
-    if ts is not None:  # among duplicated pairs only: by timestamp, ties by file order
-        dup_groups = np.flatnonzero(sizes > 1)
-        dpos = np.flatnonzero(np.repeat(sizes > 1, sizes))
-        drows = order[dpos]
-        dkey = sk[dpos]
-        srows = drows[np.lexsort((ts[drows], dkey))]
-        dstart = np.flatnonzero(np.r_[True, dkey[1:] != dkey[:-1]])
-        dend = np.r_[dstart[1:], len(dkey)] - 1
-        pick[dup_groups] = srows[dend] if latest else srows[dstart]
+    if ts is None:  # by file order
+        pick = starts + sizes - 1 if latest else starts
+    else:  # the positions holding their pair's best timestamp; of those the last (first)
+        best = (np.maximum if latest else np.minimum).reduceat(ts, starts)
+        cand = np.flatnonzero(ts == np.repeat(best, sizes))
+        del best
+        group = np.searchsorted(starts, cand, side="right")
+        edge = np.empty(len(cand), dtype=bool)
+        if latest:
+            np.not_equal(group[1:], group[:-1], out=edge[:-1])
+            edge[-1] = True
+        else:
+            np.not_equal(group[1:], group[:-1], out=edge[1:])
+            edge[0] = True
+        pick = cand[edge]
     if policy == "mean":
-        r = rating[order].astype(np.float64)
+        r = rating.astype(np.float64)
         finite = np.isfinite(r)
-        sums = np.add.reduceat(np.where(finite, r, 0.0), starts)
-        cnt = np.add.reduceat(finite.astype(np.int64), starts)
+        r[~finite] = 0.0
+        sums = np.add.reduceat(r, starts)
+        del r
+        cnt = np.add.reduceat(finite, starts, dtype=np.int64)
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.where(cnt > 0, sums / np.maximum(cnt, 1), np.nan).astype(np.float32)
         return pick, mean, counts
     return pick, None, counts
+
+
+def _split_keys(keys: np.ndarray, n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """(user codes, item codes) as int32 from pair keys, a chunk at a time."""
+    u = np.empty(len(keys), dtype=np.int32)
+    i = np.empty(len(keys), dtype=np.int32)
+    for s in range(0, len(keys), CHUNK):
+        q, r = np.divmod(keys[s:s + CHUNK], max(n_items, 1))
+        u[s:s + CHUNK] = q
+        i[s:s + CHUNK] = r
+    return u, i
 
 
 def _filter_counts(u: np.ndarray, i: np.ndarray, n_u: int, n_i: int, min_u: int, min_i: int,
@@ -145,9 +217,9 @@ def _filter_counts(u: np.ndarray, i: np.ndarray, n_u: int, n_i: int, min_u: int,
     passes = 0
     while True:
         passes += 1
-        uc = np.bincount(u[keep], minlength=n_u)
-        ic = np.bincount(i[keep], minlength=n_i)
-        bad = keep & ((uc[u] < min_u) | (ic[i] < min_i))
+        low_u = np.bincount(u[keep], minlength=n_u) < min_u
+        low_i = np.bincount(i[keep], minlength=n_i) < min_i
+        bad = keep & (low_u[u] | low_i[i])
         if not bad.any():
             break
         keep &= ~bad
@@ -174,39 +246,53 @@ def make_ids(ratings: pd.DataFrame | dict[str, Any], duplicates: str = "latest",
             raise PipelineError(f"{source} has no column {col!r} (columns: "
                                 f"{', '.join(map(str, ratings))}); rerun "
                                 f"`python 10_preprocessing.py --input PATH`")
-    n_in = len(ratings["raw_user_id"])
     has_ts = "timestamp" in ratings
-    raw_dtypes = ratings["raw_user_id"].dtype, ratings["raw_item_id"].dtype
-    u_code, u_uni = _factorize_sorted(ratings["raw_user_id"], "raw_user_id", source)
-    i_code, i_uni = _factorize_sorted(ratings["raw_item_id"], "raw_item_id", source)
-    if consume and duplicates != "error":
-        del ratings["raw_user_id"], ratings["raw_item_id"]
+    # one column at a time, in this order, each deleted once used (with consume=True; a
+    # _LazyColumns mapping also reads each one only here)
+    raw_dtypes = []
+    codes = []
+    for col in ("raw_user_id", "raw_item_id"):
+        raw_dtypes.append(ratings[col].dtype)
+        codes.append(_factorize_sorted(ratings[col], col, source))
+        if consume:
+            del ratings[col]
+    (u_code, u_uni), (i_code, i_uni) = codes
+    del codes
+    n_in = len(u_code)
     n_u0, n_i0 = len(u_uni), len(i_uni)
-    rating = np.asarray(ratings["rating"], dtype=np.float32)
-    ts = np.asarray(ratings["timestamp"], dtype=np.int64) if has_ts else None
-    if consume and duplicates != "error":
-        del ratings["rating"]
-        if has_ts:
+    rows, keys = _sort_by_pair(u_code, i_code, n_i0)
+    del u_code, i_code
+    # timestamp and rating in (user, item) order
+    ts = None
+    if has_ts:
+        ts = np.asarray(ratings["timestamp"], dtype=np.int64)[rows]
+        if consume:
             del ratings["timestamp"]
+    rating = np.asarray(ratings["rating"], dtype=np.float32)[rows]
+    if consume:
+        del ratings["rating"]
+    if duplicates != "error":
+        del rows
 
-    rows, mean, dup = _dedupe(u_code, i_code, n_i0, ts, rating, duplicates)
+    pick, mean, dup = _dedupe(keys, ts, rating, duplicates)
     if duplicates == "error" and dup["removed_rows"]:
-        order = np.lexsort((np.arange(n_in), i_code, u_code))
-        su, si = u_code[order], i_code[order]
-        same = np.flatnonzero((su[1:] == su[:-1]) & (si[1:] == si[:-1]))
-        a, b = int(order[same[0]]), int(order[same[0] + 1])
-        raw_u = _show(_at(ratings["raw_user_id"], a))
-        raw_i = _show(_at(ratings["raw_item_id"], a))
+        j = int(np.argmax(keys[1:] == keys[:-1]))  # the first duplicated pair in (user, item)
+        a, b = int(rows[j]), int(rows[j + 1])      # order: its first two rows in file order
+        raw_u = _show(_at(u_uni, int(keys[j] // max(n_i0, 1))))
+        raw_i = _show(_at(i_uni, int(keys[j] % max(n_i0, 1))))
         raise PipelineError(
             f"{source}: {dup['removed_rows']} duplicate (user, item) rows in "
             f"{dup['duplicated_pairs']} pairs, e.g. raw_user_id {raw_u} raw_item_id {raw_i} at "
             f"rows {a} and {b} (0-based); expected each pair once; choose a policy: "
             f"`python 20_make_ids.py --duplicates latest` (or first, mean)")
-    u = u_code[rows]
-    i = i_code[rows]
-    r = mean if mean is not None else rating[rows]
-    t = ts[rows] if ts is not None else None
-    del u_code, i_code, rows, rating, ts
+    if pick is not None:
+        keys = keys[pick]
+        rating = mean if mean is not None else rating[pick]
+        if ts is not None:
+            ts = ts[pick]
+    u, i = _split_keys(keys, n_i0)
+    r, t = rating, ts
+    del keys, pick, mean, rating, ts
 
     keep, passes = _filter_counts(u, i, n_u0, n_i0, min_user_ratings, min_item_ratings, kcore)
     n_dedup = len(u)
@@ -214,6 +300,7 @@ def make_ids(ratings: pd.DataFrame | dict[str, Any], duplicates: str = "latest",
         u, i, r = u[keep], i[keep], r[keep]
         if t is not None:
             t = t[keep]
+    del keep
     if len(u) == 0:
         raise PipelineError(
             f"no ratings left after the filters (--min-user-ratings {min_user_ratings}, "
@@ -223,16 +310,17 @@ def make_ids(ratings: pd.DataFrame | dict[str, Any], duplicates: str = "latest",
     u_cnt = np.bincount(u, minlength=n_u0)
     i_cnt = np.bincount(i, minlength=n_i0)
     u_present, i_present = u_cnt > 0, i_cnt > 0
-    u_new = (np.cumsum(u_present) - 1).astype(np.int32)
-    i_new = (np.cumsum(i_present) - 1).astype(np.int32)
-    user_idx = u_new[u]
-    item_idx = i_new[i]
     n_users, n_items = int(u_present.sum()), int(i_present.sum())
+    # codes renumbered over the users/items still present (unchanged when none was dropped)
+    user_idx = u if n_users == n_u0 else (np.cumsum(u_present) - 1).astype(np.int32)[u]
+    item_idx = i if n_items == n_i0 else (np.cumsum(i_present) - 1).astype(np.int32)[i]
+    del u, i
 
     out = {"user_idx": user_idx, "item_idx": item_idx, "rating": r.astype(np.float32, copy=False)}
     if t is not None:
         out["timestamp"] = t.astype(np.int64, copy=False)
-    ratings_out = pd.DataFrame(out)
+    ratings_out = pd.DataFrame(out, copy=False)
+    del out, user_idx, item_idx, r, t
 
     raw_u = _take_uniques(u_uni, u_present, raw_dtypes[0])
     raw_i = _take_uniques(i_uni, i_present, raw_dtypes[1])
@@ -251,7 +339,7 @@ def make_ids(ratings: pd.DataFrame | dict[str, Any], duplicates: str = "latest",
                        "rule": _DUP_RULES[duplicates](has_ts)},
         "filters": {"min_user_ratings": min_user_ratings, "min_item_ratings": min_item_ratings,
                     "kcore": kcore, "passes": passes,
-                    "dropped_ratings": int(n_dedup - len(u)),
+                    "dropped_ratings": int(n_dedup - len(ratings_out)),
                     "dropped_users": int(n_u0 - n_users), "dropped_items": int(n_i0 - n_items)},
         "n_items_with_title": n_titled,
     }
@@ -305,12 +393,61 @@ def _attach_titles(items: pd.DataFrame, meta: pd.DataFrame) -> tuple[pd.DataFram
     return items, int(found.sum())
 
 
+class _LazyColumns:
+    """A Parquet table as a {column: array} mapping (``read_columns``) that reads a column
+    when it is first used and forgets it on ``del``: ``make_ids(consume=True)`` then holds
+    only the columns it is working on, not the whole table at once."""
+
+    def __init__(self, path: Path) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        self.path = path
+        self.cols: dict[str, Any] = {}
+        try:
+            self.names = list(pq.read_schema(path).names)
+        except (OSError, pa.ArrowException):
+            read_columns(path)  # raises the missing/unreadable error
+            raise
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self.names:
+            raise KeyError(name)
+        if name not in self.cols:
+            self.cols[name] = read_columns(self.path, [name])[name]
+        return self.cols[name]
+
+    def __delitem__(self, name: str) -> None:
+        self.names.remove(name)
+        self.cols.pop(name, None)
+
+
+def _release_freed_arrow_memory() -> None:
+    """Let the columns that make_ids has consumed go back to the system at once.
+
+    Arrow's default pool (mimalloc) keeps freed memory for its own reuse, where the numpy
+    arrays built from the columns cannot use it; jemalloc with no decay delay returns it.
+    """
+    import pyarrow as pa
+    if "jemalloc" in pa.supported_memory_backends():
+        pa.set_memory_pool(pa.jemalloc_memory_pool())
+        pa.jemalloc_set_decay_ms(0)
+    else:
+        pa.set_memory_pool(pa.system_memory_pool())
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_config(Config, argv, PROG, DESCRIPTION)
     print_config(cfg, PROG)
     up = read_manifest(cfg.data_dir, UPSTREAM, needed_by=PROG)
     src_dir = stage_dir(cfg.data_dir, UPSTREAM)
-    ratings = read_columns(src_dir / "ratings.parquet")
+    _release_freed_arrow_memory()
+    ratings = _LazyColumns(src_dir / "ratings.parquet")
     items_meta = None
     if (src_dir / "items.parquet").exists():
         items_meta = read_parquet(src_dir / "items.parquet")

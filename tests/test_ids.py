@@ -199,3 +199,58 @@ def test_duplicates_match_a_pandas_reference(policy, with_ts):
     assert np.allclose(got["rating"].to_numpy(), want["rating"].to_numpy())
     if with_ts and policy != "mean":
         assert np.array_equal(got["timestamp"].to_numpy(), want["timestamp"].to_numpy())
+
+
+def _id_kinds(x):
+    """The same ids four ways, all in the same order: small non-negative integers (the
+    lookup-table path), negative and huge integers and zero-padded strings (pd.factorize)."""
+    x = np.asarray(x)
+    return {"dense": x, "negative": x - 10**6, "huge": x + 2**40,
+            "string": np.array([f"id-{v:06d}" for v in x])}
+
+
+@pytest.mark.parametrize("policy", ["latest", "first", "mean"])
+@pytest.mark.parametrize("with_ts", [True, False])
+def test_id_paths_and_sort_paths_agree(monkeypatch, policy, with_ts):
+    import recpipe.ids as ids
+    rng = np.random.default_rng(5)
+    n = 5000  # many duplicates and timestamp ties; some missing ratings
+    u, i = rng.integers(0, 60, n) * 3 + 1, rng.integers(0, 40, n) * 7
+    r = rng.integers(1, 6, n).astype(np.float32)
+    r[rng.random(n) < 0.05] = np.nan
+    t = rng.integers(0, 4, n) if with_ts else None
+    runs = {}
+    for (ku, uu), (ki, ii) in zip(_id_kinds(u).items(), _id_kinds(i).items()):
+        for pack in (63, 0):  # 0: the stable-argsort fallback
+            monkeypatch.setattr(ids, "PACK_BITS", pack)
+            for filt in ((1, 1, False), (3, 2, True)):
+                res = make_ids(make_ratings(uu, ii, r, t), duplicates=policy,
+                               min_user_ratings=filt[0], min_item_ratings=filt[1],
+                               kcore=filt[2])
+                runs[ku, pack, filt] = res
+    # the dense path is taken only for the small non-negative ids
+    ref = {filt: runs["dense", 63, filt] for filt in ((1, 1, False), (3, 2, True))}
+    for (kind, pack, filt), res in runs.items():
+        pd.testing.assert_frame_equal(res.ratings, ref[filt].ratings)
+        assert res.stats == ref[filt].stats
+        assert res.users["n_ratings"].tolist() == ref[filt].users["n_ratings"].tolist()
+        want_u = _id_kinds(ref[filt].users["raw_user_id"].to_numpy())[kind]
+        assert res.users["raw_user_id"].to_numpy().tolist() == want_u.tolist()
+    monkeypatch.setattr(ids, "DENSE_SLACK", -(10**9))  # force pd.factorize for small ids too
+    forced = make_ids(make_ratings(u, i, r, t), duplicates=policy)
+    pd.testing.assert_frame_equal(forced.ratings, ref[1, 1, False].ratings)
+    pd.testing.assert_frame_equal(forced.users, ref[1, 1, False].users)
+    pd.testing.assert_frame_equal(forced.items, ref[1, 1, False].items)
+
+
+@pytest.mark.parametrize("pack", [63, 0])
+def test_duplicates_error_names_the_same_rows_on_both_sort_paths(monkeypatch, pack):
+    import recpipe.ids as ids
+    monkeypatch.setattr(ids, "PACK_BITS", pack)
+    src = make_ratings([5, 3, 3, 9, 3, 5], [2, 8, 1, 1, 8, 2])  # (3, 8) at rows 1, 4; (5, 2)
+    with pytest.raises(PipelineError, match=r"2 duplicate .* in 2 pairs, e\.g\. raw_user_id 3 "
+                                            r"raw_item_id 8 at rows 1 and 4 "):
+        make_ids(src, duplicates="error")
+    strs = make_ratings(["b", "a", "a"], ["x", "y", "y"])
+    with pytest.raises(PipelineError, match=r"raw_user_id 'a' raw_item_id 'y' at rows 1 and 2"):
+        make_ids(strs, duplicates="error")
