@@ -25,7 +25,7 @@ def selection_metric(task: str, data: Data) -> tuple[str, bool]:
         return "rmse", False
     if "valid" in data.candidates:
         return "hr@10", True
-    return "full_ndcg@10", True
+    return "full_ndcg@10", True     # no sampled candidates (e.g. a random split): full ranking
 
 
 def _binary(users: torch.Tensor, items: torch.Tensor, shape: tuple[int, int]) -> sp.csr_matrix:

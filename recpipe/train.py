@@ -385,9 +385,6 @@ def run(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     cfg = dataclasses.replace(cfg, task=task).resolved()
     print_config(cfg, PROG)
     data = load_data(cfg.data_dir, cfg.task, dev)
-    if cfg.task != "explicit" and not data.candidates:
-        log.info("implicit task without sampled candidates (random split): evaluating full "
-                 "ranking only (full_hr@10, full_ndcg@10, full_recall@20)")
     final_dir = stage_dir(cfg.data_dir, STAGE) / cfg.model
     # the run builds its folder beside the published one (the work folder also holds the
     # checkpoint --resume continues from) and swaps it in at the end: a failed, refused,
