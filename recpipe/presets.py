@@ -39,12 +39,12 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("deepmf", "implicit"): {"dim": 64, "hidden": 32, "lr": 1e-3, "batch_size": 1024,
                              "reg": 1e-4, "init_std": 0.01, "epochs": 30},
     ("gmf", "implicit"): {"dim": 16, "lr": 5e-3, "batch_size": 1024, "reg": 0.0,
-                          "init_std": 0.01, "epochs": 30},
+                          "init_std": 0.01, "epochs": 30, "optimizer": "auto"},
     ("mlp", "implicit"): {"layers": [64, 32, 16, 8], "lr": 1e-3, "batch_size": 1024,
-                          "reg": 0.0, "init_std": 0.01, "epochs": 30},
+                          "reg": 0.0, "init_std": 0.01, "epochs": 30, "optimizer": "auto"},
     ("neumf", "implicit"): {"dim": 16, "layers": [64, 32, 16, 8], "lr": 1e-3,
                             "batch_size": 1024, "reg": 0.0, "init_std": 0.01, "epochs": 30,
-                            "n_negatives": 8},
+                            "n_negatives": 8, "optimizer": "auto"},
 }
 
 

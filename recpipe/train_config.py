@@ -55,9 +55,8 @@ class TrainConfig:
                                    "full-batch gradient descent); sparse_adam (Adam on the "
                                    "embedding rows each batch uses, for large tables); "
                                    "adagrad (sparse embedding gradients); auto (sparse_adam "
-                                   "when the model has an analytic gradient for the task and "
-                                   f"its tables have more than {AUTO_ROWS_PER_SAMPLE} rows per "
-                                   "batch sample, else adam)" + PRESET,
+                                   f"when the user + item tables have more than "
+                                   f"{AUTO_ROWS_PER_SAMPLE} rows per batch sample, else adam)" + PRESET,
                                    choices=["adam", "sgd", "sparse_adam", "adagrad", "auto"])
     lr: Optional[float] = opt(None, "learning rate" + PRESET)
     momentum: Optional[float] = opt(None, "sgd momentum" + PRESET)
@@ -163,15 +162,17 @@ def for_data(cfg: TrainConfig, data: Data) -> TrainConfig:
 
     Dense Adam passes over every row of the embedding tables at every step, which dominates
     when the tables are much larger than a batch (Netflix: 480k users); sparse_adam (lazy
-    Adam) costs in proportion to the rows a batch uses, and is fast where the family has an
-    analytic gradient (explicit MF). On ML-100K, ml-latest-small and the demo both reach the
-    same validation RMSE (docs/presets.md), and there dense Adam is the faster of the two."""
+    Adam on the rows a batch uses, dense Adam on tower weights) costs in proportion to the
+    rows a batch touches: through the family's analytic gradient where it has one (explicit
+    MF), through sparse embedding gradients otherwise. auto picks it when the user + item
+    rows exceed AUTO_ROWS_PER_SAMPLE per batch sample. On ML-100K, ml-latest-small, ML-1M
+    and the demo the tables are smaller than that and auto is dense Adam; where it is lazy,
+    bench_optimizers.py measured the same or better validation metric (docs/presets.md)."""
     if cfg.optimizer != "auto":
         return cfg
     rows = data.n_users + data.n_items
     batch = cfg.batch_size or len(data.train)
-    fast = cfg.task in family(cfg.model).analytic_tasks
-    choice = "sparse_adam" if fast and rows > AUTO_ROWS_PER_SAMPLE * batch else "adam"
+    choice = "sparse_adam" if rows > AUTO_ROWS_PER_SAMPLE * batch else "adam"
     log.info("--optimizer auto: %s (%d user + item rows, batch %d)", choice, rows, batch)
     return dataclasses.replace(cfg, optimizer=choice)
 

@@ -117,7 +117,8 @@ def _state(data_dir: Path, model: str) -> dict:
 @pytest.mark.shared
 @pytest.mark.parametrize("model,task,optimizer", [("mf", "explicit", "adam"),
                                                   ("mf", "explicit", "sparse_adam"),
-                                                  ("gmf", "implicit", "adam")])
+                                                  ("gmf", "implicit", "adam"),
+                                                  ("neumf", "implicit", "sparse_adam")])
 def test_resume_equals_uninterrupted_run(ml100k_loo, model, task, optimizer):
     args = ["--model", model, "--task", task, "--patience", "10", "--lr", "5e-3",
             "--optimizer", optimizer, *SMALL[model]]
@@ -321,8 +322,11 @@ def test_optimizer_auto_picks_sparse_adam_for_tables_much_larger_than_a_batch(tm
     picks = {(m, bs): for_data(TrainConfig(model=m, optimizer="auto", batch_size=bs).resolved(),
                                data).optimizer
              for m in ("mf", "gmf") for bs in (small, 2048)}
+    # lazy rows for every family once the tables outgrow the batch (issue: Netflix scale)
     assert picks == {("mf", small): "sparse_adam", ("mf", 2048): "adam",
-                     ("gmf", small): "adam", ("gmf", 2048): "adam"}
+                     ("gmf", small): "sparse_adam", ("gmf", 2048): "adam"}
+    for m in ("gmf", "mlp", "neumf"):                   # the implicit NCF presets
+        assert TrainConfig(model=m).resolved().optimizer == "auto"
     t = Trainer(TrainConfig(model="mf", batch_size=small, epochs=1).resolved(), data,
                 tmp_path, "test")
     assert t.cfg.optimizer == "sparse_adam" and isinstance(t.opt.opts[0], RowSparseAdam)
