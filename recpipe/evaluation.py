@@ -21,11 +21,15 @@ from .scoring import predict_pairs, score_blocks, score_candidates
 
 def selection_metric(task: str, data: Data) -> tuple[str, bool]:
     """(metric key, higher is better) used for early stopping and model selection."""
-    if task == "explicit":
-        return "rmse", False
-    if "valid" in data.candidates:
-        return "hr@10", True
-    return "full_ndcg@10", True     # no sampled candidates (e.g. a random split): full ranking
+    return _SELECTION[task](data)
+
+
+_SELECTION = {
+    "explicit": lambda data: ("rmse", False),
+    # ranking: the sampled candidates when stage 40 wrote them, else full ranking
+    "implicit": lambda data: ("hr@10", True) if "valid" in data.candidates
+    else ("full_ndcg@10", True),
+}
 
 
 def _binary(users: torch.Tensor, items: torch.Tensor, shape: tuple[int, int]) -> sp.csr_matrix:
@@ -60,20 +64,37 @@ def full_ranking(model: nn.Module, data: Data, part: str, block_users: int = 0
     return finish_full(sums)
 
 
+def _candidates(model: nn.Module, data: Data, part: str) -> dict[str, float]:
+    if part not in data.candidates:
+        return {}
+    cu, ci = data.candidates[part]
+    return sampled_rank_metrics(score_candidates(model, cu, ci, data.train_csr), ci)
+
+
+def _rating_metrics(model: nn.Module, data: Data, part: str, eval_batch: int, full: bool
+                    ) -> dict[str, float]:
+    """explicit: RMSE/MAE of every pair, then the candidates ranked by predicted rating."""
+    p = getattr(data, part)
+    out = rmse_mae(predict_pairs(model, p.users, p.items, data.train_csr), p.ratings,
+                   data.rating_scale) if len(p) else {}
+    return {**out, **_candidates(model, data, part)}
+
+
+def _ranking_metrics(model: nn.Module, data: Data, part: str, eval_batch: int, full: bool
+                     ) -> dict[str, float]:
+    """implicit: the sampled candidates, and full ranking when asked or when there are none."""
+    out = _candidates(model, data, part)
+    if full or part not in data.candidates:
+        out.update(full_ranking(model, data, part, eval_batch))
+    return out
+
+
+_METRICS = {"explicit": _rating_metrics, "implicit": _ranking_metrics}
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, data: Data, part: str, task: str, eval_batch: int = 0,
              full: bool = True) -> dict[str, float]:
     """Metrics of ``model`` on ``part`` ("valid" or "test"), see the module docstring."""
     model.eval()
-    p = getattr(data, part)
-    out: dict[str, float] = {}
-    hist = data.train_csr
-    if task == "explicit" and len(p):
-        out.update(rmse_mae(predict_pairs(model, p.users, p.items, hist), p.ratings,
-                            data.rating_scale))
-    if part in data.candidates:
-        cu, ci = data.candidates[part]
-        out.update(sampled_rank_metrics(score_candidates(model, cu, ci, hist), ci))
-    if task != "explicit" and (full or part not in data.candidates):
-        out.update(full_ranking(model, data, part, eval_batch))
-    return out
+    return _METRICS[task](model, data, part, eval_batch, full)

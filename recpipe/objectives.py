@@ -28,6 +28,7 @@ class Objective:
 
     task = ""
     samples_per_positive = 1
+    needs_ratings = False          # its targets are ratings (data without them is refused)
 
     def expand(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
                keyset: KeySet | None, n_items: int, generator: torch.Generator | None
@@ -51,6 +52,7 @@ class ExplicitMSE(Objective):
     """Squared error in standardised units: ((out - rating) / scale)^2, averaged."""
 
     task = "explicit"
+    needs_ratings = True
 
     def __init__(self, scale: float = 1.0):
         self.scale = float(scale)

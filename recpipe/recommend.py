@@ -146,10 +146,6 @@ class Recommender:
         return pd.Index(self.items["raw_item_id"])
 
 
-def pick_device(name: str) -> torch.device:
-    return resolve_device(name)
-
-
 def train_command(model_name: str, data_dir: Path) -> str:
     return f"python 60_train.py --model {model_name} --data-dir {data_dir}"
 
@@ -546,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
     cfg = parse_config(RecommendConfig, argv, PROG, DESCRIPTION)
     print_config(cfg, PROG)
     set_seed(cfg.seed)
-    device = pick_device(cfg.device)
+    device = resolve_device(cfg.device)
     rec = load_recommender(cfg.data_dir, cfg.model, device)
     t0 = time.perf_counter()
     if cfg.user is not None:

@@ -14,6 +14,7 @@ from typing import Any, Optional
 from .cli import PipelineError, opt
 from .dataset import Data
 from .family import REGISTRY, Family, family
+from .objectives import OBJECTIVES
 from .presets import DEFAULT_MODEL, preset
 
 log = logging.getLogger("recpipe")
@@ -138,22 +139,20 @@ def decide_task(requested: str | None, cls: type[Family], split_task: str | None
     loo/ncf, whose candidates are for ranking) when the family supports it; else the family's
     default. Implicit training on rated data is allowed (ratings become interactions);
     explicit training on data without ratings is refused."""
-    # stage 30 records "implicit" for splits made for ranking and null for those that serve
-    # either task (versions before 0.2 wrote "explicit" for the latter)
-    fixed = split_task if split_task == "implicit" else None
+    # stage 30 records "implicit" for the splits made for ranking (loo, ncf) and null for
+    # those that serve either task (an older version wrote "explicit" for these: rerun
+    # stage 30 to let the model family choose)
+    fixed = split_task
     task = requested or (fixed if fixed in cls.tasks else cls.default_task)
     if task not in cls.tasks:
         raise PipelineError(f"--model {cls.name} cannot be trained for the {task} task; it "
                             f"supports {', '.join(cls.tasks)}")
-    if task == "explicit" and not rated:
-        raise PipelineError("--task explicit needs ratings, but this data has none (only "
-                            "interactions); use --task implicit")
+    if OBJECTIVES[task]().needs_ratings and not rated:
+        raise PipelineError(f"--task {task} needs ratings, but this data has none (only "
+                            f"interactions); use --task implicit")
     if requested and fixed and requested != fixed:
         log.warning("training %s as --task asks, on a split made for the %s task (stage 30 "
-                    "recorded it); %s", requested, fixed,
-                    "reporting RMSE/MAE of the held-out ratings and ranking the sampled "
-                    "candidates by predicted rating" if requested == "explicit" else
-                    "ranking by interaction logits")
+                    "recorded it); %s metrics are reported for it", requested, fixed, requested)
     return task
 
 
