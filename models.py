@@ -505,3 +505,7 @@ MODELS: dict[str, type[Family]] = REGISTRY     # name -> family, filled by @regi
 def build_model(name: str, n_users: int, n_items: int, **model_args) -> Family:
     """The model called ``name`` (a registered family) with its constructor arguments."""
     return family(name)(n_users, n_items, **model_args)
+
+
+import recpipe.ease  # noqa: E402,F401 - registers --model ease (EASE, closed form)
+import recpipe.autoencoders  # noqa: E402,F401 - registers --model autorec and multvae

@@ -194,6 +194,28 @@ def set_seed(seed: int) -> None:
         torch.manual_seed(seed)
 
 
+def keep_freed_memory() -> None:
+    """Let glibc reuse the memory freed by one training step for the next (Linux only).
+
+    By default glibc maps every block over its adaptive threshold (at most 32 MiB) with its
+    own mmap and unmaps it when freed, so each step of a large batch page-faults its
+    temporaries in again (a fresh 32 MiB tensor costs about as much as gathering it). With
+    the threshold fixed at 32 MiB and trimming above 1 GiB, those blocks come from the heap
+    and are reused. Measured on the MF row path (gradient + RowSparseAdam step) at batch
+    65,536 on 480k x 17,770 tables, one thread, three alternating runs on a busy machine:
+    201-210 ms of CPU time per step against 232-268 ms without."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:                        # musl or another libc: keep its defaults
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
 class _TqdmHandler(logging.Handler):
     """Routes log lines through tqdm.write so they do not break progress bars."""
 

@@ -6,6 +6,13 @@ rating. implicit: hr@10, ndcg@10 over the sampled candidates when stage 40 wrote
 (when ``full``, or when there are no candidates) full ranking over every item the user has
 not interacted with: full_hr@10, full_ndcg@10, full_recall@20. Scoring goes through
 ``scoring.py``, the path stage 70 uses too. Metric definitions: ``metrics.py``.
+
+Every pair of the part is scored: pairs whose user or item got no training data are scored
+by the model's baseline (global mean + the known side's bias, ``scoring.with_fallback``) and
+counted, ``fallback_n``. ``full=True`` (stage 60's final evaluation of valid and test) also
+reports each metric's count and 95% interval, ``<metric>_n`` and ``<metric>_ci`` = [lo, hi]
+(``metrics.py`` says how), beside the metric, which stays a plain number; the per-epoch
+validation (``full=False``) returns the metrics only.
 """
 from __future__ import annotations
 
@@ -15,8 +22,9 @@ import torch
 from torch import nn
 
 from .dataset import Data
-from .metrics import finish_full, full_rank_metrics, rmse_mae, sampled_rank_metrics
-from .scoring import predict_pairs, score_blocks, score_candidates
+from .metrics import (finish_full, full_rank_metrics, rating_intervals, rmse_mae,
+                      sampled_rank_metrics)
+from .scoring import fallback_mask, predict_pairs, score_blocks, score_candidates
 
 
 def selection_metric(task: str, data: Data) -> tuple[str, bool]:
@@ -37,9 +45,17 @@ def _binary(users: torch.Tensor, items: torch.Tensor, shape: tuple[int, int]) ->
                           (users.cpu().numpy(), items.cpu().numpy())), shape=shape)
 
 
+def fallback_count(model: nn.Module, data: Data, part: str) -> int:
+    """Pairs of ``part`` whose user or item has no training data in ``model`` (scored by the
+    fallback)."""
+    p = getattr(data, part)
+    miss = fallback_mask(model, p.users, p.items) if len(p) else None
+    return 0 if miss is None else int(miss.sum())
+
+
 @torch.inference_mode()
-def full_ranking(model: nn.Module, data: Data, part: str, block_users: int = 0
-                 ) -> dict[str, float]:
+def full_ranking(model: nn.Module, data: Data, part: str, block_users: int = 0,
+                 intervals: bool = False) -> dict[str, float]:
     """Full-ranking HR@10, NDCG@10, Recall@20 for the users of ``part``: candidates are all
     items not in train (for test, also not the validation items)."""
     p = getattr(data, part)
@@ -61,31 +77,42 @@ def full_ranking(model: nn.Module, data: Data, part: str, block_users: int = 0
         rel[torch.from_numpy(sub.row.astype(np.int64)).to(data.device),
             torch.from_numpy(sub.col.astype(np.int64)).to(data.device)] = True
         sums.append(full_rank_metrics(scores, rel))
-    return finish_full(sums)
+    return finish_full(sums, intervals)
 
 
-def _candidates(model: nn.Module, data: Data, part: str) -> dict[str, float]:
+def _candidates(model: nn.Module, data: Data, part: str, intervals: bool = False
+                ) -> dict[str, float]:
     if part not in data.candidates:
         return {}
     cu, ci = data.candidates[part]
-    return sampled_rank_metrics(score_candidates(model, cu, ci, data.train_csr), ci)
+    return sampled_rank_metrics(score_candidates(model, cu, ci, data.train_csr), ci,
+                                intervals=intervals)
 
 
 def _rating_metrics(model: nn.Module, data: Data, part: str, eval_batch: int, full: bool
                     ) -> dict[str, float]:
     """explicit: RMSE/MAE of every pair, then the candidates ranked by predicted rating."""
     p = getattr(data, part)
-    out = rmse_mae(predict_pairs(model, p.users, p.items, data.train_csr), p.ratings,
-                   data.rating_scale) if len(p) else {}
-    return {**out, **_candidates(model, data, part)}
+    out = {}
+    if len(p):
+        pred = predict_pairs(model, p.users, p.items, data.train_csr)
+        out = rmse_mae(pred, p.ratings, data.rating_scale)
+        if full:
+            out.update(rating_intervals(pred, p.ratings, p.users, data.rating_scale))
+    out.update(_candidates(model, data, part, intervals=full))
+    if full:
+        out["fallback_n"] = fallback_count(model, data, part)
+    return out
 
 
 def _ranking_metrics(model: nn.Module, data: Data, part: str, eval_batch: int, full: bool
                      ) -> dict[str, float]:
     """implicit: the sampled candidates, and full ranking when asked or when there are none."""
-    out = _candidates(model, data, part)
+    out = _candidates(model, data, part, intervals=full)
     if full or part not in data.candidates:
-        out.update(full_ranking(model, data, part, eval_batch))
+        out.update(full_ranking(model, data, part, eval_batch, intervals=full))
+    if full:
+        out["fallback_n"] = fallback_count(model, data, part)
     return out
 
 
@@ -98,3 +125,26 @@ def evaluate(model: nn.Module, data: Data, part: str, task: str, eval_batch: int
     """Metrics of ``model`` on ``part`` ("valid" or "test"), see the module docstring."""
     model.eval()
     return _METRICS[task](model, data, part, eval_batch, full)
+
+
+def metric_line(d: dict) -> str:
+    """One log line: each metric with its 95% interval when it has one, then the count of
+    pairs and how many of them the fallback scored."""
+    extra = ("_n", "_ci")
+    parts = []
+    for k, v in d.items():
+        if k == "fallback_n" or k.endswith(extra):
+            continue
+        ci = d.get(f"{k}_ci")
+        parts.append(f"{k} {v:.4f}" + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""))
+    line = "  ".join(parts)
+    n = next((d[k] for k in d if k.endswith("_n") and k != "fallback_n"), None)
+    if n is not None:
+        line += f"  (n {n}"
+        if "fallback_n" in d:
+            line += (f"; {d['fallback_n']} pairs with a user or item unseen in training, "
+                     f"scored by the fallback: global mean + known-side bias")
+        line += ")"
+    elif "fallback_n" in d:
+        line += f"  ({d['fallback_n']} pairs scored by the fallback)"
+    return line

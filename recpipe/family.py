@@ -20,6 +20,20 @@
 - optionally ``analytic_tasks`` and ``analytic_grad``: a hand-written gradient of the same
   objective, which the trainer uses instead of autograd when it pays off.
 
+Rows without training data (every family, in this base class): the trainer calls
+``learn_fallback`` once on the data it fits, which records which user and item rows received
+a training signal (``known_user``, ``known_item``: explicit, a train rating; implicit, a user
+with a train interaction, and every item when the objective samples negatives, since items
+without positives are still fitted as negatives) and saves them with the model (buffers).
+``scoring.py`` then scores every pair with an unknown side by the baseline
+``fallback_scores``: global mean + the known side's bias, never the row's random
+initialisation. The bias is the family's own bias tables when it has them (``user_bias``,
+``item_bias``, times ``scale``: mf; deepmf/gmf/mlp/neumf on explicit); otherwise a baseline
+estimated from train and stored with the model (``base_user``, ``base_item``): explicit,
+Surprise's regularised ALS baseline (``regularised_baseline``); implicit, the item's log
+popularity (so a user without train interactions gets the popularity ranking). A checkpoint
+written before these buffers existed loads with every row known (the old behaviour).
+
 Stage 60 and 70 call only these; they never branch on a family's name or class.
 """
 from __future__ import annotations
@@ -34,6 +48,7 @@ from torch import nn
 from .objectives import Objective, RowL2
 
 REGISTRY: dict[str, type["Family"]] = {}
+FALLBACK_BUFFERS = ("known_user", "known_item", "base_user", "base_item")
 
 
 def register(name: str):
@@ -89,6 +104,7 @@ class Family(nn.Module):
     has_item_vectors: ClassVar[bool] = True
     analytic_tasks: ClassVar[tuple[str, ...]] = ()
     pretrain_from: ClassVar[tuple[str, ...]] = ()      # families whose models init this one
+    score_label: ClassVar[str | None] = None   # what stage 70's score means (None: the objective's)
 
     def __init__(self, n_users: int, n_items: int, global_mean: float = 0.0,
                  scale: float = 1.0):
@@ -101,6 +117,17 @@ class Family(nn.Module):
         self._item_names: list[str] = []
         self.register_buffer("global_mean", torch.tensor(float(global_mean)))
         self.register_buffer("scale", torch.tensor(float(scale)))
+        # rows with training data, and the fallback baseline (see the module docstring)
+        self.register_buffer("known_user", torch.ones(self.n_users, dtype=torch.bool))
+        self.register_buffer("known_item", torch.ones(self.n_items, dtype=torch.bool))
+        self.register_buffer("base_user", torch.zeros(self.n_users))
+        self.register_buffer("base_item", torch.zeros(self.n_items))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before the fallback buffers: keep the current values (all known)
+        for name in FALLBACK_BUFFERS:
+            state_dict.setdefault(prefix + name, getattr(self, name))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # -- construction ------------------------------------------------------------------
     @classmethod
@@ -173,6 +200,53 @@ class Family(nn.Module):
         """Optional: initialise from trained models of the ``pretrain_from`` families."""
         raise NotImplementedError
 
+    # -- rows without training data --------------------------------------------------------
+    @torch.no_grad()
+    def learn_fallback(self, train: Any, explicit: bool, negatives: bool) -> dict[str, int]:
+        """Record the rows the training pairs ``train`` (``users``, ``items``, ``ratings``
+        tensors: ``dataset.Part``) give a signal to and the baseline of rows without one
+        (module docstring). ``negatives``: the objective draws sampled negatives (every item
+        row is fitted). Returns the counts of unknown rows."""
+        dev = self.known_user.device
+        users, items, ratings = train.users.to(dev), train.items.to(dev), train.ratings
+        cu = torch.bincount(users, minlength=self.n_users)
+        ci = torch.bincount(items, minlength=self.n_items)
+        self.known_user.copy_(cu > 0)
+        self.known_item.copy_(ci > 0 if explicit or not negatives
+                              else torch.ones_like(self.known_item))
+        self.base_user.zero_()
+        self.base_item.zero_()
+        if not self._has_bias_tables():
+            if explicit:
+                bu, bi = regularised_baseline(users, items,
+                                              ratings.to(dev).double() - float(self.global_mean),
+                                              self.n_users, self.n_items)
+                self.base_user.copy_(bu)
+                self.base_item.copy_(bi)
+            else:
+                self.base_item.copy_(torch.log((ci.double() + 1) / (float(ci.max()) + 1)))
+        return {"unknown_users": int((~self.known_user).sum()),
+                "unknown_items": int((~self.known_item).sum())}
+
+    def _has_bias_tables(self) -> bool:
+        return "user_bias" in self._user_names and "item_bias" in self._item_names
+
+    def side_baselines(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b_u [n_users], b_i [n_items]) in output units, zero on unknown rows: the family's
+        bias tables times ``scale`` when it has them, else the stored baseline."""
+        if self._has_bias_tables():
+            bu = self.user_bias.weight[:, 0].float() * self.scale
+            bi = self.item_bias.weight[:, 0].float() * self.scale
+        else:
+            bu, bi = self.base_user, self.base_item
+        return bu * self.known_user, bi * self.known_item
+
+    def fallback_scores(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Scores of the baseline, global mean + b_u + b_i (known sides only), for broadcastable
+        ``users`` and ``items``."""
+        bu, bi = self.side_baselines()
+        return self.global_mean + bu[users] + bi[items]
+
     # -- new users -----------------------------------------------------------------------
     def with_user_rows(self, rows: dict[str, torch.Tensor]) -> "Family":
         """A copy (item side shared, frozen) whose user tables are ``rows``."""
@@ -182,7 +256,11 @@ class Family(nn.Module):
             emb = nn.Embedding(w.shape[0], w.shape[1], device=w.device)
             emb.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
             folded._modules[name] = emb
-        folded.n_users = next(iter(rows.values())).shape[0]
+        folded.n_users = n = next(iter(rows.values())).shape[0]
+        dev = next(iter(rows.values())).device
+        folded._buffers = dict(self._buffers)        # the new users' rows are all fitted
+        folded._buffers["known_user"] = torch.ones(n, dtype=torch.bool, device=dev)
+        folded._buffers["base_user"] = torch.zeros(n, device=dev)
         folded.eval()
         return folded
 
@@ -252,3 +330,21 @@ class Family(nn.Module):
                   f"{steps} Adam steps (lr {lr:g}) on {objective.describe()}, L2 {reg:g} as in "
                   f"training; final loss {loss_v:.4f}")
         return out, method
+
+
+@torch.no_grad()
+def regularised_baseline(users: torch.Tensor, items: torch.Tensor, dev: torch.Tensor,
+                         n_users: int, n_items: int, reg_u: float = 15.0, reg_i: float = 10.0,
+                         epochs: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """Surprise's ``BaselineOnly`` (ALS, its defaults): ``dev`` = rating - global mean; per
+    epoch b_i = sum_u(dev - b_u) / (reg_i + n_i), then b_u = sum_i(dev - b_i) / (reg_u + n_u).
+    Vectorised (two index_adds per epoch); float64; rows without ratings get 0."""
+    d = users.device
+    cu = torch.bincount(users, minlength=n_users).double()
+    ci = torch.bincount(items, minlength=n_items).double()
+    bu = torch.zeros(n_users, dtype=torch.float64, device=d)
+    bi = torch.zeros(n_items, dtype=torch.float64, device=d)
+    for _ in range(epochs):
+        bi = torch.zeros_like(bi).index_add_(0, items, dev - bu[users]) / (reg_i + ci)
+        bu = torch.zeros_like(bu).index_add_(0, users, dev - bi[items]) / (reg_u + cu)
+    return bu.float(), bi.float()

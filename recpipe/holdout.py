@@ -80,14 +80,49 @@ def per_user_holdout(u: np.ndarray, primary: np.ndarray, tiebreak: np.ndarray, n
     return part
 
 
+def _index_dtype(n: int) -> type:
+    return np.int32 if n < 2**31 else np.int64
+
+
+def flatnonzero_compact(mask: np.ndarray, chunk: int = 1 << 24) -> np.ndarray:
+    """np.flatnonzero(mask) as int32 when the positions fit (int64 otherwise), built chunk by
+    chunk: half the memory of flatnonzero's int64 result and no full-size temporary."""
+    mask = np.asarray(mask, dtype=bool).ravel()
+    dt = _index_dtype(len(mask))
+    if dt is np.int64:
+        return np.flatnonzero(mask)
+    out = np.empty(int(np.count_nonzero(mask)), dtype=dt)
+    at = 0
+    for a in range(0, len(mask), chunk):
+        pos = np.flatnonzero(mask[a:a + chunk])
+        pos += a
+        out[at:at + len(pos)] = pos
+        at += len(pos)
+    return out
+
+
 def random_holdout(n: int, ratio: float, rng: np.random.Generator,
                    among: np.ndarray | None = None) -> np.ndarray:
-    """Indices of round(ratio * len) rows drawn without replacement (from ``among``)."""
-    pool = np.arange(n) if among is None else among
-    k = int(_round_half_up(np.array(len(pool) * ratio)))
+    """Indices (int64, ascending) of round(ratio * len) rows drawn without replacement (from
+    ``among``).
+
+    The draw is ``rng.permutation(len(pool))[:k]``; the permutation is made by shuffling an
+    int32 range in place (the same draws as ``permutation``, half its memory).
+    """
+    m = n if among is None else len(among)
+    k = int(_round_half_up(np.array(m * ratio)))
     if k == 0:
         return np.empty(0, dtype=np.int64)
-    return np.sort(pool[rng.permutation(len(pool))[:k]])
+    perm = np.arange(m, dtype=_index_dtype(m))
+    rng.shuffle(perm)
+    pick = perm[:k].copy()
+    del perm
+    pick.sort()
+    if among is not None:
+        pick = np.asarray(among)[pick]
+        if len(pick) > 1 and not (pick[1:] >= pick[:-1]).all():  # a pool not in row order
+            pick.sort()
+    return pick.astype(np.int64, copy=False)
 
 
 def sample_negatives(users: np.ndarray, n_neg: int, n_items: int, rated_keys: np.ndarray,

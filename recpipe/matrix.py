@@ -47,11 +47,33 @@ class Config:
     data_dir: Path = opt(Path("data"), "data folder holding the stage artifacts")
 
 
+def _ids(a: np.ndarray) -> np.ndarray:
+    """Ids as int32 when stored so (no copy), else int64."""
+    a = np.asarray(a)
+    return a if a.dtype == np.int32 else a.astype(np.int64)
+
+
+def _strictly_sorted(u: np.ndarray, i: np.ndarray, chunk: int = 1 << 23) -> bool:
+    """Whether the (u, i) pairs ascend strictly (the order of stage 30's parts), checked a
+    chunk at a time: no n-long int64 key."""
+    n = len(u)
+    for a in range(0, max(n - 1, 0), chunk):
+        b = min(a + chunk, n - 1)
+        u0, u1, i0, i1 = u[a:b], u[a + 1:b + 1], i[a:b], i[a + 1:b + 1]
+        if not ((u1 > u0) | ((u1 == u0) & (i1 > i0))).all():
+            return False
+    return True
+
+
 def to_csr(u: np.ndarray, i: np.ndarray, values: np.ndarray, n_users: int, n_items: int,
            ) -> sp.csr_matrix:
-    """CSR float32 [n_users, n_items] from (user, item, value) triples with unique pairs."""
-    u = np.asarray(u, dtype=np.int64)
-    i = np.asarray(i, dtype=np.int64)
+    """CSR float32 [n_users, n_items] from (user, item, value) triples with unique pairs.
+
+    Already sorted pairs (stage 30's parts) are used as they are: int32 ids and float32
+    values are not copied (the matrix may share them with the caller).
+    """
+    u = _ids(u)
+    i = _ids(i)
     values = np.asarray(values, dtype=np.float32)
     if len(u):
         if u.min() < 0 or u.max() >= n_users or i.min() < 0 or i.max() >= n_items:
@@ -59,8 +81,8 @@ def to_csr(u: np.ndarray, i: np.ndarray, values: np.ndarray, n_users: int, n_ite
                 f"ids outside the shared id space [{n_users} users, {n_items} items] (user_idx "
                 f"{u.min()}..{u.max()}, item_idx {i.min()}..{i.max()}); rerun "
                 f"`python 30_split_train_test.py` from the current stage 20")
-        key = u * np.int64(n_items) + i
-        if not (key[1:] > key[:-1]).all():
+        if not _strictly_sorted(u, i):
+            key = u.astype(np.int64) * np.int64(n_items) + i
             order = np.argsort(key, kind="stable")
             u, i, values, key = u[order], i[order], values[order], key[order]
             if (key[1:] == key[:-1]).any():
@@ -69,18 +91,28 @@ def to_csr(u: np.ndarray, i: np.ndarray, values: np.ndarray, n_users: int, n_ite
     indptr = np.zeros(n_users + 1, dtype=np.int64)
     np.cumsum(np.bincount(u, minlength=n_users), out=indptr[1:])
     idx_dtype = np.int32 if len(u) < 2**31 else np.int64
-    return sp.csr_matrix((values, i.astype(idx_dtype), indptr.astype(idx_dtype)),
+    return sp.csr_matrix((values, i.astype(idx_dtype, copy=False), indptr.astype(idx_dtype)),
                          shape=(n_users, n_items))
 
 
 def part_matrices(df: Any, n_users: int, n_items: int,
                   ) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """(explicit, implicit) CSR matrices of one split part (a DataFrame or column mapping)."""
-    u = np.asarray(df["user_idx"], dtype=np.int64)
-    i = np.asarray(df["item_idx"], dtype=np.int64)
+    """(explicit, implicit) CSR matrices of one split part (a DataFrame or column mapping).
+
+    Sorted parts with int32 ids (stage 30's) give matrices that share the part's arrays: the
+    item column as both matrices' indices, the ratings as the explicit data when all are
+    rated. Copy a matrix before changing it in place.
+    """
+    u = _ids(df["user_idx"])
+    i = _ids(df["item_idx"])
     r = np.asarray(df["rating"], dtype=np.float32)
     rated = ~np.isnan(r)
-    explicit = to_csr(u[rated], i[rated], r[rated], n_users, n_items)
+    if rated.all():  # every interaction rated: no subset copies
+        del rated
+        explicit = to_csr(u, i, r, n_users, n_items)
+    else:
+        explicit = to_csr(u[rated], i[rated], r[rated], n_users, n_items)
+        del rated
     implicit = to_csr(u, i, np.ones(len(u), dtype=np.float32), n_users, n_items)
     return explicit, implicit
 
@@ -109,12 +141,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     n_candidates: dict[str, Any] = {}
     with StageOutput(cfg.data_dir, STAGE) as out:
         for name in PARTS:
-            df = read_columns(src / f"{name}.parquet")
+            # the columns the matrices and candidates need (not the timestamps)
+            df = read_columns(src / f"{name}.parquet", ["user_idx", "item_idx", "rating"])
             explicit, implicit = part_matrices(df, n_users, n_items)
             sp.save_npz(out.path(f"{name}.npz"), explicit, compressed=False)
             sp.save_npz(out.path(f"{name}_implicit.npz"), implicit, compressed=False)
             nnz[name] = int(explicit.nnz)
             nnz[f"{name}_implicit"] = int(implicit.nnz)
+            del implicit  # saved: its data need not sit beside the float64 copies below
             if name == "train":
                 global_mean = float(explicit.data.mean(dtype=np.float64)) if explicit.nnz else None
                 # torch's std (n - 1), as stage 60 standardises with it
@@ -131,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 cand = candidates(df, negatives, neg_path)
                 np.savez(out.path(f"{name}_candidates.npz"), **cand)
                 n_candidates[name] = int(len(cand["users"]))
-            del df, explicit, implicit
+            del df, explicit
         task = up.get("task")      # stage 30's: what the split was made for (null: either)
         manifest = {
             **stage_manifest(PROG, argv, cfg, cfg.data_dir, UPSTREAM, up),

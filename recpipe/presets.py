@@ -45,6 +45,15 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("neumf", "implicit"): {"dim": 16, "layers": [64, 32, 16, 8], "lr": 1e-3,
                             "batch_size": 1024, "reg": 0.0, "init_std": 0.01, "epochs": 30,
                             "n_negatives": 8, "optimizer": "auto"},
+    # closed form: no reg here, so stage 60 chooses it on validation from EASE.reg_grid
+    # (recpipe/ease.py); --reg fixes one value. epochs: one fit (per reg candidate)
+    ("ease", "implicit"): {"epochs": 1},
+    # autoencoders (recpipe/autoencoders.py): batch_size counts ROWS (autorec: items,
+    # multvae: users); autorec's reg is the paper's lambda (docs/presets.md)
+    ("autorec", "explicit"): {"dim": 500, "lr": 3e-3, "batch_size": 64, "reg": 100.0,
+                              "init_std": 0.03, "epochs": 60},
+    ("multvae", "implicit"): {"dim": 200, "hidden": 600, "dropout": 0.5, "lr": 3e-3,
+                              "batch_size": 100, "reg": 0.0, "epochs": 60},
 }
 
 

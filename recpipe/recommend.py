@@ -356,7 +356,8 @@ def fold_in(rec: Recommender, users: np.ndarray, items: np.ndarray, ratings: np.
 
 
 def _score_label(rec: Recommender) -> tuple[str, str]:
-    return "score", for_task(rec.task).score_label(rec.rating_scale)
+    return "score", (type(rec.model).score_label
+                     or for_task(rec.task).score_label(rec.rating_scale))
 
 
 def _explain_column(rec: Recommender, reasons: list[list[tuple[int, float, float]]]) -> list[str]:
@@ -430,7 +431,8 @@ def recommend_user(rec: Recommender, cfg: RecommendConfig) -> pd.DataFrame | Non
         df["because_you_liked"] = _explain_column(
             rec, explain(rec.model, df_items(rec, df), own, own_r))
     cold = ("; this user has no train ratings (all of theirs went to valid/test), so the "
-            "model never fitted their row: prefer --ratings" if exclude.nnz == 0 else "")
+            "ranking is the model's baseline for unknown users (global mean + item bias, or "
+            "item popularity): prefer --ratings" if exclude.nnz == 0 else "")
     show(df, f"Top {len(df)} for user {raw!r} (model {rec.name}, {rec.task}; {exclude.nnz} train "
              f"items excluded; {label}{cold})")
     return df

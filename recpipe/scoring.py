@@ -5,6 +5,12 @@ The model is asked through its family interface (``score_pairs``, ``score_candid
 densified a block at a time). ``score_blocks`` is the masked loop both stages use: score a
 block of users against every item, set the items to leave out to -inf, hand the block on.
 ``top_k`` is the deterministic top-k (ties: the lower item index).
+
+Every path scores a pair whose user or item row got no training data (``known_user`` /
+``known_item`` of ``recpipe.family``) by the family's baseline, ``fallback_scores`` (global
+mean + the known side's bias), instead of the model: an explicit test pair with a new item
+gets mu + b_u, a user without train interactions is ranked by b_i (explicit: the item
+biases; implicit without bias tables: item popularity). ``fallback_mask`` says which pairs.
 """
 from __future__ import annotations
 
@@ -44,6 +50,45 @@ def _wants_rows(model: nn.Module) -> bool:
     return getattr(model, "input", "pairs") == "rows"
 
 
+def fallback_mask(model: nn.Module, users: torch.Tensor, items: torch.Tensor
+                  ) -> torch.Tensor | None:
+    """Bool (broadcast shape of ``users`` and ``items``): the pairs scored by the fallback;
+    None when the model records no known rows or every pair is known."""
+    ku, ki = getattr(model, "known_user", None), getattr(model, "known_item", None)
+    if ku is None or ki is None:
+        return None
+    miss = ~(ku[users] & ki[items])
+    return miss if bool(miss.any()) else None
+
+
+def with_fallback(model: nn.Module, users: torch.Tensor, items: torch.Tensor,
+                  scores: torch.Tensor) -> torch.Tensor:
+    """``scores`` of pairs (users, items) (broadcastable) with the pairs of an unknown side
+    replaced by the model's ``fallback_scores``."""
+    miss = fallback_mask(model, users, items)
+    if miss is None:
+        return scores
+    return torch.where(miss, model.fallback_scores(users, items).to(scores.dtype), scores)
+
+
+def _fallback_all(model: nn.Module, users: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """``with_fallback`` for a [U, n_items] block against every item, in place: the columns of
+    unknown items, then the rows of unknown users."""
+    ku, ki = getattr(model, "known_user", None), getattr(model, "known_item", None)
+    if ku is None or ki is None:
+        return scores
+    new_u, new_i = ~ku[users], ~ki
+    if not bool(new_u.any()) and not bool(new_i.any()):
+        return scores
+    bu, bi = model.side_baselines()
+    base_u = (model.global_mean + bu[users]).to(scores.dtype)          # [U]
+    if bool(new_i.any()):
+        scores[:, new_i] = base_u[:, None]
+    if bool(new_u.any()):
+        scores[new_u] = base_u[new_u][:, None] + bi.to(scores.dtype)[None, :]
+    return scores
+
+
 @torch.inference_mode()
 def predict_pairs(model: nn.Module, users: torch.Tensor, items: torch.Tensor,
                   history: sp.csr_matrix | None = None, block: int = 1 << 18) -> torch.Tensor:
@@ -62,10 +107,10 @@ def predict_pairs(model: nn.Module, users: torch.Tensor, items: torch.Tensor,
                                                                    users.device)).float()
             sel = (inv >= s) & (inv < s + step)
             out[sel] = scores[inv[sel] - s, items[sel]]
-        return out
+        return with_fallback(model, users, items, out)
     outs = [model.score_pairs(users[s:s + block], items[s:s + block]).float()
             for s in range(0, users.shape[0], block)]
-    return torch.cat(outs)
+    return with_fallback(model, users, items, torch.cat(outs))
 
 
 @torch.inference_mode()
@@ -82,11 +127,11 @@ def score_candidates(model: nn.Module, users: torch.Tensor, items: torch.Tensor,
             full = model.score_all(users[s:s + block],
                                    dense_rows(rows, 0, rows.shape[0], items.device)).float()
             outs.append(full.gather(1, items[s:s + block]))
-        return torch.cat(outs)
+        return with_fallback(model, users[:, None], items, torch.cat(outs))
     block = users_per_block(int(items.shape[-1]), items.device, block, per_pair=True)
     outs = [model.score_candidates(users[s:s + block], items[s:s + block]).float()
             for s in range(0, users.shape[0], block)]
-    return torch.cat(outs)
+    return with_fallback(model, users[:, None], items, torch.cat(outs))
 
 
 @torch.inference_mode()
@@ -106,7 +151,7 @@ def score_blocks(model: nn.Module, user_rows: np.ndarray, exclude: sp.csr_matrix
         b = min(len(user_rows), a + step)
         users = torch.as_tensor(user_rows[a:b], dtype=torch.long, device=device)
         hist = dense_rows(history, a, b, device) if rows_input else None
-        scores = model.score_all(users, hist).float()
+        scores = _fallback_all(model, users, model.score_all(users, hist).float())
         sub = exclude[a:b]
         if sub.nnz:
             r = np.repeat(np.arange(b - a), np.diff(sub.indptr))

@@ -35,9 +35,9 @@ Strategies (``--strategy``) and their stated rules:
   counted.
 
 Unseen users/items (``--unseen``): a valid/test rating whose user or item has no train
-rating is dropped (``drop``, the default for the explicit strategies) or kept (``keep``,
-the default for loo/ncf, where every item keeps its id and embedding). Counts go to the
-log and the manifest either way.
+rating is kept (``keep``, the default for every strategy: stage 60 scores it by the model's
+baseline, global mean + the known side's bias, and counts it) or dropped (``drop``, on
+request only). Counts go to the log and the manifest either way.
 
 Everything is vectorised (numpy sorts, bincount, searchsorted); negatives are drawn in
 rounds with numpy and rejected against a sorted user * n_items + item key array; each
@@ -58,8 +58,8 @@ from .artifacts import (StageOutput, dtypes_of, read_columns, read_manifest, rea
                         stage_dir, stage_manifest, write_parquet)
 from .cli import PipelineError, opt, parse_config, print_config, set_seed
 from .holdout import (DROPPED, TEST, TRAIN, VALID, _order_by, _round_half_up, in_sorted, pair_keys,  # noqa: F401
-                      per_user_holdout, random_holdout, rank_from_end, sample_negatives,
-                      sorted_keys)
+                      flatnonzero_compact, per_user_holdout, random_holdout, rank_from_end,
+                      sample_negatives, sorted_keys)
 from .readers import read_ncf_test, read_probe
 
 log = logging.getLogger("recpipe")
@@ -147,7 +147,7 @@ def _need_ts(r: Ratings, strategy: str) -> np.ndarray:
 
 
 def _carve_valid_random(part: np.ndarray, ratio: float, rng: np.random.Generator) -> None:
-    pool = np.flatnonzero(part == TRAIN)
+    pool = flatnonzero_compact(part == TRAIN)  # int32 row numbers: half flatnonzero's memory
     part[random_holdout(len(part), ratio, rng, among=pool)] = VALID
 
 
@@ -382,8 +382,10 @@ class Config:
     fold: int = opt(0, "which fold (0-based) is test for --strategy kfold")
     ncf_test: str | None = opt(None, "NCF file prefix for --strategy ncf: reads "
                                      "PREFIX.test.rating and PREFIX.test.negative")
-    unseen: str = opt("auto", "valid/test ratings whose user or item has no train rating: "
-                              "drop or keep; auto = keep for loo/ncf, drop otherwise",
+    unseen: str = opt("keep", "valid/test ratings whose user or item has no train rating: "
+                              "keep (scored by stage 60's baseline, global mean + the known "
+                              "side's bias, and counted) or drop; auto (accepted for older "
+                              "command lines) = keep",
                       choices=("auto", "drop", "keep"))
 
     def validate(self) -> None:
@@ -407,6 +409,11 @@ class Config:
 
 # ---------------------------------------------------------------------------------------
 # unseen policy and the stage
+
+
+def _compact_ids(a: np.ndarray) -> np.ndarray:
+    """Ids as int32 (no copy when stored so), else int64."""
+    return a if a.dtype == np.int32 else a.astype(np.int64)
 
 
 def unseen_masks(train_u: np.ndarray, train_i: np.ndarray, u: np.ndarray, i: np.ndarray,
@@ -433,16 +440,21 @@ class SplitResult:
 
 def split(ratings: Any, n_users: int, n_items: int, cfg: Config,
           users: pd.DataFrame | None = None, items: pd.DataFrame | None = None,
-          ctx: Context | None = None) -> SplitResult:
+          ctx: Context | None = None, consume: bool = False) -> SplitResult:
     """Split a stage-20 ratings table (pure, apart from reading --probe / --ncf-test files).
 
     ``ratings``: a DataFrame or a {column: numpy array} mapping with stage 20's columns;
     ``users``/``items`` (or ``ctx``): stage 20's raw id maps, for probe and ncf.
+    ``consume``: ``ratings`` is a dict handed over (stage 30's): it is emptied, so that each
+    input column is freed as soon as its parts are taken (peak memory at Netflix scale).
     """
     cols = {c: np.asarray(ratings[c]) for c in ratings}
+    if consume:
+        ratings.clear()
     del ratings
-    u = cols["user_idx"].astype(np.int64)
-    i = cols["item_idx"].astype(np.int64)
+    # ids as stored (int32) when they are; int64 keys are formed where needed (pair_keys)
+    u = _compact_ids(cols["user_idx"])
+    i = _compact_ids(cols["item_idx"])
     ts = cols["timestamp"] if "timestamp" in cols else None
     r = Ratings(u, i, ts, n_users, n_items)
     s = cfg.strategy
@@ -451,8 +463,7 @@ def split(ratings: Any, n_users: int, n_items: int, cfg: Config,
     out = STRATEGIES[s](r, cfg, ctx if ctx is not None else Context(users, items))
     part, details, ext_test, ext_negs = out.part, out.details, out.test, out.test_negatives
 
-    policy = cfg.unseen if cfg.unseen != "auto" else (
-        "keep" if s in IMPLICIT_STRATEGIES else "drop")
+    policy = "drop" if cfg.unseen == "drop" else "keep"     # auto: keep, for every strategy
     tr = part == TRAIN
     unseen: dict[str, Any] = {"policy": policy}
     dropped_rows = 0
@@ -473,14 +484,28 @@ def split(ratings: Any, n_users: int, n_items: int, cfg: Config,
         unseen[name] = st
     unseen["dropped_rows"] = dropped_rows
 
+    # the parts, one input column at a time: each column is dropped once its parts are
+    # taken (u / i stay referenced only for the negatives of the implicit strategies)
+    implicit = s in IMPLICIT_STRATEGIES
+    if not implicit:
+        del r, u, i
+    codes = (TRAIN, VALID) if ext_test is not None else (TRAIN, VALID, TEST)
+    masks = {code: part == code for code in codes}
+    taken: dict[int, dict[str, np.ndarray]] = {code: {} for code in codes}
+    for c in list(cols):
+        a = cols.pop(c)
+        for code in codes:
+            taken[code][c] = a[masks[code]]
+        del a
+    del masks
+
     def take(code: int) -> pd.DataFrame:
-        mask = part == code
-        return pd.DataFrame({c: a[mask] for c, a in cols.items()}, copy=False)
+        return pd.DataFrame(taken.pop(code), copy=False)
 
     train, valid = take(TRAIN), take(VALID)
     test = ext_test if ext_test is not None else take(TEST)
     valid_negs = test_negs = None
-    if s in IMPLICIT_STRATEGIES:
+    if implicit:
         g = _rngs(cfg.seed)
         rated = sorted_keys(u, i, n_items)  # stage 20 rows are sorted: usually no sort
         if ext_test is not None:
@@ -506,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ratings = read_columns(src / "ratings.parquet")
     n_users, n_items = int(up["n_users"]), int(up["n_items"])
     n_in = len(ratings["user_idx"])
-    res = split(ratings, n_users, n_items, cfg, ctx=Context(id_dir=src))
+    res = split(ratings, n_users, n_items, cfg, ctx=Context(id_dir=src), consume=True)
     del ratings
     sizes = {"train": len(res.train), "valid": len(res.valid), "test": len(res.test)}
     n_neg = 0 if res.test_negatives is None else int(res.test_negatives.shape[1])

@@ -20,6 +20,7 @@ sparse_adam (tests check both against autograd).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -37,10 +38,10 @@ from tqdm import tqdm
 import models as _models  # noqa: F401 - registers the built-in families
 from .artifacts import StageOutput, read_manifest, stage_dir, upstream_entry, write_json
 from .checkpoint import load_model, resolve_device, rng_state, save, set_rng_state
-from .cli import (PipelineError, command_line, config_dict, parse_config, print_config,
-                  progress_disabled, set_seed)
+from .cli import (PipelineError, command_line, config_dict, keep_freed_memory, parse_config,
+                  print_config, progress_disabled, set_seed)
 from .dataset import STAGE40, Data, KeySet, load_data, sample_users, with_valid_in_train
-from .evaluation import evaluate, selection_metric
+from .evaluation import evaluate, metric_line, selection_metric
 from .family import Family, family
 from .objectives import RowL2, for_task
 from .optim import Optimizers
@@ -60,7 +61,7 @@ DESCRIPTION = ("Train a recommendation model on stage 40's sparse matrices. Opti
 
 # configuration keys a resumed run may change: they do not alter what was trained so far
 _RESUME_FREE = {"epochs", "resume", "device", "threads", "eval_batch", "max_seconds", "refit",
-                "patience", "data_dir"}
+                "patience", "data_dir", "test_users"}
 
 
 class Trainer:
@@ -84,6 +85,9 @@ class Trainer:
             self._load_pretrained()
         self.objective = for_task(cfg.task, scale=float(data.rating_std),
                                   n_negatives=cfg.n_negatives)
+        # rows without train data are scored by a baseline (family.py): record them
+        self.model.learn_fallback(data.train, cfg.task == "explicit",
+                                  self.objective.samples_per_positive > 1)
         self.by_epochs = self.cls.fit_by == "epochs"
         self.opt = Optimizers(self.model, cfg.optimizer, cfg.lr, cfg.momentum) \
             if self.by_epochs else None
@@ -143,7 +147,10 @@ class Trainer:
                 "state_dict": self.model.state_dict(),
                 "optimizer": self.opt.state_dict() if self.opt else [],
                 "best_metric": self.best, "best_epoch": self.best_epoch,
-                "best_valid": self.best_valid, "best_state": self.best_state,
+                "best_valid": self.best_valid,
+                # the tables once: None when this epoch is the best (its weights are
+                # state_dict); after the run, "best_ref" names selected.pt or model.pt instead
+                "best_state": None if self.best_epoch == self.epoch else self.best_state,
                 "bad_epochs": self.bad_epochs,
                 "scheduler": {"lr_factor": self.lr_factor, "kind": self.cfg.lr_schedule},
                 "rng": rng_state(self.gen), "history": self.history,
@@ -154,6 +161,19 @@ class Trainer:
     def save_checkpoint(self) -> None:
         save(self.checkpoint(), self.out_dir / "checkpoint.pt")
         self.saved_epoch = self.epoch
+
+    def _best_state(self, ck: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+        """The best epoch's weights of checkpoint ``ck``: its own, its current ones, or
+        those of the file it references (beside it, or in the published folder)."""
+        ref = ck.get("best_ref")
+        if not ref:
+            return ck["best_state"] if ck["best_state"] is not None else ck["state_dict"]
+        for folder in (path.parent, stage_dir(self.cfg.data_dir, STAGE) / self.cfg.model):
+            if (folder / ref).exists():
+                return torch.load(folder / ref, map_location="cpu",
+                                  weights_only=True)["state_dict"]
+        raise PipelineError(f"--resume: {path} keeps its best weights in {ref}, which is "
+                            f"missing beside it; run without --resume to start over")
 
     def restore(self, path: Path) -> None:
         if not path.exists():
@@ -184,7 +204,8 @@ class Trainer:
         self.best = float(ck["best_metric"])
         self.best_epoch = int(ck["best_epoch"])
         self.best_valid = dict(ck["best_valid"])
-        self.best_state = {k: v.to(self.dev) for k, v in ck["best_state"].items()}
+        self.best_state = {k: v.to(self.dev).clone()
+                           for k, v in self._best_state(ck, path).items()}
         self.bad_epochs = int(ck["bad_epochs"])
         self.lr_factor = float(ck["scheduler"]["lr_factor"])
         self.history = list(ck["history"])
@@ -211,6 +232,8 @@ class Trainer:
         model.train()
         self.epoch_factor = self._lr_factor_for(self.epoch + 1, factors)
         self.opt.set_factor(self.epoch_factor)
+        if hasattr(model, "row_loss"):          # autoencoders: batches of rows, not pairs
+            return self._train_row_epoch()
         tr = data.train
         n = len(tr)
         per = objective.samples_per_positive
@@ -258,6 +281,35 @@ class Trainer:
         bar.close()
         return float(loss_sum) / max(1, samples), samples
 
+    def _train_row_epoch(self) -> tuple[float, int]:
+        """One epoch of a row-input family (``row_data`` / ``row_loss``: recpipe/autoencoders.py):
+        ``batch_size`` rows per step from a seeded permutation of the family's training rows
+        (kept on the device, built once per data), ``row_loss`` with ``--reg``, then the
+        family's ``rows_done`` (e.g. refreshing cached item codes). Returns (mean loss, rows)."""
+        cfg, model = self.cfg, self.model
+        if getattr(self, "_rows_for", None) is not self.data.train:
+            self._rows, self._rows_for = model.row_data(self.data), self.data.train
+        rows = self._rows
+        n = rows.n_rows
+        bs = cfg.batch_size if cfg.batch_size > 0 else n
+        perm = torch.randperm(n, device=self.dev, generator=self.gen)
+        loss_sum = torch.zeros((), device=self.dev)
+        bar = tqdm(range(0, n, bs), desc=f"epoch {self.epoch + 1}", unit="batch", leave=False,
+                   disable=progress_disabled())
+        for s in bar:
+            idx = perm[s:s + bs]
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_amp):
+                loss = model.row_loss(idx, rows, cfg.reg or 0.0)
+            self.opt.zero_grad()
+            loss.float().backward()
+            self.opt.step()
+            loss_sum += loss.detach().float() * idx.shape[0]
+        bar.close()
+        if hasattr(model, "rows_done"):
+            model.eval()
+            model.rows_done(rows)
+        return float(loss_sum) / max(1, n), n
+
     def _check_loss(self, loss: float) -> None:
         epoch = self.epoch + 1
         c = self.cfg
@@ -292,6 +344,8 @@ class Trainer:
                  "refit:" if refit else "training", cfg.model, cfg.task, self.dev,
                  self.data.n_users, self.data.n_items, len(self.data.train),
                  len(self.data.valid), "" if refit else f"; selecting on valid {self.metric}")
+        if not self.by_epochs:
+            return self._fit_closed_form_grid(refit)
         t_run, spent = time.perf_counter(), 0.0
         while self.epoch < epochs:
             if not refit and self.bad_epochs >= cfg.patience:
@@ -340,6 +394,74 @@ class Trainer:
             self._warn_if_constant()
         return spent
 
+    def _fit_closed_form_grid(self, refit: bool) -> float:
+        """A closed-form family: one fit per candidate ``reg``, the best on validation.
+
+        Candidates: ``--reg`` when given, else the family's ``reg_grid`` (one fit with
+        ``reg`` unset when it has none). Each is fitted on train, evaluated like an epoch
+        (the per-epoch validation sample) and logged as a history row (epoch k = the k-th
+        candidate); the best is fitted again when it was not the last (no copy of the model
+        per candidate) and fixed in ``self.cfg.reg``, the very config object the refit,
+        metrics.json and model.pt read, so the refit on train + valid fits that one value.
+        A family may offer ``closed_form_solver(train_csr)``, a context manager giving
+        ``fit(hp)`` that shares work between candidates (EASE: the Gram matrix); otherwise
+        ``fit_closed_form`` runs per candidate. Returns the seconds spent fitting."""
+        cfg, data, model = self.cfg, self.data, self.model
+        grid = ([cfg.reg] if cfg.reg is not None
+                else [float(r) for r in getattr(self.cls, "reg_grid", ())] or [None])
+        solver = getattr(model, "closed_form_solver", None)
+        ctx = solver(data.train_csr) if solver is not None else contextlib.nullcontext(
+            lambda hp: model.fit_closed_form(data.train_csr, hp))
+        self.history, self.epoch, self.best_epoch = [], 0, 0
+        self.best = -math.inf if self.higher else math.inf
+        self.best_state = model.state_dict()        # references: no copy of a large model
+        best_reg, t_run = None, time.perf_counter()
+        with ctx as fit:
+            for reg in grid:
+                if not refit and cfg.max_seconds and \
+                        time.perf_counter() - t_run > cfg.max_seconds:
+                    log.info("stopping the grid: --max-seconds %.0f reached", cfg.max_seconds)
+                    break
+                t0 = time.perf_counter()
+                fit({**config_dict(cfg), "reg": reg})
+                if self.dev.type == "cuda":
+                    torch.cuda.synchronize()
+                t_fit = time.perf_counter() - t0
+                self.epoch += 1
+                if refit:
+                    log.info("refit: %s in closed form on train + valid, reg %s, %.1fs",
+                             cfg.model, reg, t_fit)
+                    continue
+                valid = evaluate(model, self.epoch_data, "valid", cfg.task, cfg.eval_batch,
+                                 full=False)
+                v = valid.get(self.metric, float("nan"))
+                mark = ""
+                if self._improved(v):
+                    self.best, self.best_epoch, self.best_valid = v, self.epoch, dict(valid)
+                    best_reg, mark = reg, " *"
+                self.history.append({"epoch": self.epoch, "reg": reg, "loss": float("nan"),
+                                     **{f"valid_{k}": round(x, 6) for k, x in valid.items()},
+                                     "lr": 0.0, "fit_seconds": round(t_fit, 3),
+                                     "seconds": round(time.perf_counter() - t0, 3)})
+                log.info("reg %-8s valid %s %.4f%s  fit %.1fs", reg, self.metric, v, mark,
+                         t_fit)
+                write_history(self.out_dir / "history.csv", self.history)
+            if not refit and self.best_epoch and self.best_epoch != self.epoch:
+                fit({**config_dict(cfg), "reg": best_reg})
+            spent = time.perf_counter() - t_run
+        if not refit:
+            self.train_seconds += spent
+            if len(grid) > 1 and best_reg in (grid[0], grid[-1]):
+                log.warning("reg %s, the best on validation, is at the edge of the grid %s: "
+                            "the optimum may lie beyond; try --reg values past it", best_reg,
+                            grid)
+            if best_reg is not None:
+                log.info("chose reg %s: validation %s %.4f (candidate %d of %d)", best_reg,
+                         self.metric, self.best, self.best_epoch, len(self.history))
+                cfg.reg = best_reg
+            self.save_checkpoint()
+        return spent
+
     def _warn_if_constant(self) -> None:
         """Early stopping ended a run whose validation metric never moved: the model most
         likely scores every candidate alike (for instance a tower whose ReLUs all died), which
@@ -367,7 +489,7 @@ def refit(cfg: TrainConfig, data: Data, trainer: Trainer, out_dir: Path) -> torc
 
 
 def _metric_line(d: dict[str, float]) -> str:
-    return "  ".join(f"{k} {v:.4f}" for k, v in d.items())
+    return metric_line(d)         # with the intervals and the fallback count
 
 
 def run(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
@@ -377,6 +499,7 @@ def run(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     # Adam moments and L2-shrunk embeddings decay into subnormal floats, which make CPU
     # arithmetic 10-100x slower (epochs slowing down over time); flush them to zero.
     torch.set_flush_denormal(True)
+    keep_freed_memory()
     dev = resolve_device(cfg.device)
     up40 = read_manifest(cfg.data_dir, STAGE40, needed_by=PROG)
     rated = int((up40.get("nnz") or {}).get("train", 1)) > 0
@@ -449,9 +572,19 @@ def _train_and_test(cfg: TrainConfig, data: Data, out_dir: Path, command: str,
     # the selected model on validation; then (refit) the same recipe on train + valid;
     # the test split is evaluated once, with the final model
     trainer.model.load_state_dict(trainer.best_state)
-    valid = evaluate(trainer.model, data, "valid", cfg.task, cfg.eval_batch, full=True)
+    # the final validation and the test: every user, or the stated sample of --test-users
+    # (metrics.json: test_users of test_users_total, and every metric's 95% interval)
+    final_data, n_eval, n_total = data, {}, {}
+    for part in ("valid", "test"):
+        final_data, n_eval[part], n_total[part] = sample_users(final_data, part,
+                                                               cfg.test_users, cfg.seed + 1)
+        if n_eval[part] < n_total[part]:
+            log.info("final %s evaluation on a fixed sample of %d of its %d users "
+                     "(--test-users, seed %d); metrics.json gives the 95%% intervals", part,
+                     n_eval[part], n_total[part], cfg.seed + 1)
+    valid = evaluate(trainer.model, final_data, "valid", cfg.task, cfg.eval_batch, full=True)
     final = refit(cfg, data, trainer, out_dir) if cfg.refit else trainer.model
-    test = evaluate(final, data, "test", cfg.task, cfg.eval_batch, full=True)
+    test = evaluate(final, final_data, "test", cfg.task, cfg.eval_batch, full=True)
     meta = {"model": cfg.model, "model_args": trainer.args,
             "state_dict": final.state_dict(), "task": cfg.task, "refit": bool(cfg.refit),
             "rating_scale": [float(data.rating_scale[0]), float(data.rating_scale[1])],
@@ -464,6 +597,14 @@ def _train_and_test(cfg: TrainConfig, data: Data, out_dir: Path, command: str,
     else:
         (out_dir / "selected.pt").unlink(missing_ok=True)
     save(meta, out_dir / "model.pt")
+    if trainer.by_epochs and trainer.best_epoch != trainer.epoch:
+        # checkpoint.pt (the last epoch, for --resume) refers to the best weights instead of
+        # holding a second copy of them; it is rewritten from disk, since the model in
+        # memory now holds the best epoch, not the last
+        ck_path = out_dir / "checkpoint.pt"
+        ck = torch.load(ck_path, map_location="cpu", weights_only=True)
+        save({**ck, "best_state": None,
+              "best_ref": "selected.pt" if cfg.refit else "model.pt"}, ck_path)
     write_history(out_dir / "history.csv", trainer.history)
     plot_curve(out_dir / "curve.png", trainer.history, trainer.metric,
                f"{cfg.model} ({cfg.task}), best epoch {trainer.best_epoch}")
@@ -472,6 +613,8 @@ def _train_and_test(cfg: TrainConfig, data: Data, out_dir: Path, command: str,
                "epochs_run": trainer.epoch, "selection_metric": trainer.metric,
                "valid_users": trainer.valid_users,
                "valid_epoch_users": trainer.valid_epoch_users,
+               "valid_final_users": n_eval["valid"], "test_users": n_eval["test"],
+               "test_users_total": n_total["test"],
                "train_seconds": round(trainer.train_seconds, 3), "config": config_dict(cfg)}
     write_json(out_dir / "metrics.json", metrics)
     manifest = {

@@ -14,12 +14,14 @@ from typing import Any, Optional
 from .cli import PipelineError, opt
 from .dataset import Data
 from .family import REGISTRY, Family, family
-from .objectives import OBJECTIVES
+from .objectives import OBJECTIVES, for_task
 from .presets import DEFAULT_MODEL, preset
 
 log = logging.getLogger("recpipe")
 
 AUTO_ROWS_PER_SAMPLE = 16   # --optimizer auto: sparse_adam above this table/batch ratio
+SCALE_STEPS = 1024          # --batch-scale: the batch doubles while an epoch has more steps
+SCALE_MAX_BATCH = 32768     # ... up to this many samples
 PRESET = "; default: the preset of the model and task (recpipe/presets.py)"
 
 
@@ -63,8 +65,13 @@ class TrainConfig:
     momentum: Optional[float] = opt(None, "sgd momentum" + PRESET)
     batch_size: Optional[int] = opt(None, "training samples per step (implicit: positives + "
                                     "negatives); 0 = full batch" + PRESET)
-    reg: Optional[float] = opt(None, "L2 weight on the embedding rows used by each sample"
-                               + PRESET)
+    batch_scale: Optional[bool] = opt(None, "grow the batch with the data: doubled while an "
+                                      f"epoch has more than {SCALE_STEPS} steps, up to "
+                                      f"{SCALE_MAX_BATCH:,} samples (the learning rate is "
+                                      "kept; metrics.json records the batch used); default: on "
+                                      "when --batch-size comes from the preset, off when given")
+    reg: Optional[float] = opt(None, "L2 weight on the embedding rows used by each sample ("
+                               + _uses("reg") + ")" + PRESET)
     n_negatives: Optional[int] = opt(None, "implicit: sampled negatives per positive, "
                                      "redrawn every epoch" + PRESET)
     lr_schedule: Optional[str] = opt(None, "plateau (multiply lr by --lr-decay when validation "
@@ -90,6 +97,11 @@ class TrainConfig:
                            "(full ranking of every item for 440k Netflix users would cost more "
                            "than the epoch); the final validation and the test use every "
                            "user; 0 = always all")
+    test_users: int = opt(0, "the final validation and the test evaluate a fixed, seeded "
+                          "sample of this many users of each part (0 = every user): for "
+                          "tower models (mlp, neumf) whose full ranking of every item for "
+                          "480k users would take hours; metrics.json states the sample "
+                          "(test_users of test_users_total) and each metric's 95%% interval")
     max_seconds: float = opt(0.0, "stop training after this many seconds (0 = no limit); "
                              "the best epoch so far is kept")
 
@@ -107,6 +119,8 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not (v >= 0 and math.isfinite(v)):
                 raise PipelineError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+        if self.test_users < 0:
+            raise PipelineError(f"--test-users must be >= 0 (0 = all), got {self.test_users}")
         if self.valid_users < 0:
             raise PipelineError(f"--valid-users must be >= 0 (0 = all), got {self.valid_users}")
         if self.batch_size is not None and self.batch_size < 0:
@@ -125,6 +139,8 @@ class TrainConfig:
         the preset."""
         cfg = dataclasses.replace(self)
         cfg.task = decide_task(cfg.task, family(cfg.model), split_task)
+        if cfg.batch_scale is None:
+            cfg.batch_scale = cfg.batch_size is None
         for k, v in preset(cfg.model, cfg.task).items():
             if getattr(cfg, k) is None:
                 setattr(cfg, k, copy.deepcopy(v))
@@ -157,23 +173,50 @@ def decide_task(requested: str | None, cls: type[Family], split_task: str | None
 
 
 def for_data(cfg: TrainConfig, data: Data) -> TrainConfig:
-    """``cfg`` with the choices that depend on the data made: ``--optimizer auto``.
+    """``cfg`` with the choices that depend on the data made: ``--optimizer auto``, then
+    ``--batch-scale``.
 
     Dense Adam passes over every row of the embedding tables at every step, which dominates
     when the tables are much larger than a batch (Netflix: 480k users); sparse_adam (lazy
     Adam on the rows a batch uses, dense Adam on tower weights) costs in proportion to the
     rows a batch touches: through the family's analytic gradient where it has one (explicit
     MF), through sparse embedding gradients otherwise. auto picks it when the user + item
-    rows exceed AUTO_ROWS_PER_SAMPLE per batch sample. On ML-100K, ml-latest-small, ML-1M
-    and the demo the tables are smaller than that and auto is dense Adam; where it is lazy,
-    bench_optimizers.py measured the same or better validation metric (docs/presets.md)."""
-    if cfg.optimizer != "auto":
-        return cfg
-    rows = data.n_users + data.n_items
-    batch = cfg.batch_size or len(data.train)
-    choice = "sparse_adam" if rows > AUTO_ROWS_PER_SAMPLE * batch else "adam"
-    log.info("--optimizer auto: %s (%d user + item rows, batch %d)", choice, rows, batch)
-    return dataclasses.replace(cfg, optimizer=choice)
+    rows exceed AUTO_ROWS_PER_SAMPLE per sample of the batch asked for (before scaling). On
+    ML-100K, ml-latest-small, ML-1M and the demo the tables are smaller than that and auto is
+    dense Adam; where it is lazy, bench_optimizers.py measured the same or better validation
+    metric (docs/presets.md).
+
+    The batch scale: a step has a fixed cost (a few dozen tensor operations) besides its
+    per-sample work, which at the presets' 1-2k samples dominates (MF on 480k x 17,770
+    tables: 0.4M ratings/s at batch 2,048). The batch therefore doubles while an epoch has
+    more than SCALE_STEPS steps, up to SCALE_MAX_BATCH. The data sets the presets were tuned
+    on (ML-100K, ml-latest-small, ML-1M, the demo: under 600k training samples per epoch for
+    the explicit presets) keep their batch; the learning rate is kept, since Adam's step size
+    does not grow with the batch and a user's row is still updated about once per rating
+    (docs/presets.md has the measurements). The result is applied once: the returned config
+    has the batch used and ``batch_scale`` off, so the refit on train + valid keeps it."""
+    if cfg.optimizer == "auto":
+        rows = data.n_users + data.n_items
+        batch = cfg.batch_size or len(data.train)
+        choice = "sparse_adam" if rows > AUTO_ROWS_PER_SAMPLE * batch else "adam"
+        log.info("--optimizer auto: %s (%d user + item rows, batch %d)", choice, rows, batch)
+        cfg = dataclasses.replace(cfg, optimizer=choice)
+    # families trained on batches of rows (the autoencoders' row_loss) count their batch in
+    # rows, not in pair samples: the rule is for pair batches
+    if cfg.batch_scale and cfg.batch_size and not hasattr(family(cfg.model), "row_loss"):
+        samples = len(data.train) * for_task(cfg.task, n_negatives=cfg.n_negatives or 1
+                                             ).samples_per_positive
+        batch = cfg.batch_size
+        while batch * 2 <= SCALE_MAX_BATCH and samples > SCALE_STEPS * batch:
+            batch *= 2
+        if batch != cfg.batch_size:
+            log.info("--batch-scale: batch %d (%d training samples per epoch; the preset's "
+                     "%d would take %d steps)", batch, samples, cfg.batch_size,
+                     -(-samples // cfg.batch_size))
+        cfg = dataclasses.replace(cfg, batch_size=batch)
+    if cfg.batch_scale:
+        cfg = dataclasses.replace(cfg, batch_scale=False)
+    return cfg
 
 
 def model_args(cfg: TrainConfig, data: Data) -> dict[str, Any]:

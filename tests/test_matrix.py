@@ -92,7 +92,8 @@ def test_ml100k_through_20_30_40(tmp_path, shared_data):
     m30, m40 = _check_matrices(tmp_path)
     sizes = m30["sizes"]
     assert sum(sizes.values()) + m30["unseen"]["dropped_rows"] == 100_000
-    assert sizes["test"] + m30["unseen"]["test"]["rows"] == 10_000
+    # --unseen keep (the default): the test ratings unseen in train stay in test
+    assert sizes["test"] == 10_000 and m30["unseen"]["dropped_rows"] == 0
     assert (m40["n_users"], m40["n_items"]) == (943, 1_682)
     # a random split serves either task (stage 60 decides, from the model family): null
     assert m40["task"] is None and m40["rating_scale"] == [1.0, 5.0]
@@ -115,3 +116,19 @@ def test_help_and_missing_upstream(tmp_path):
     p = run_script("40_make_sparse_matrix.py", "--data-dir", str(tmp_path), check=False)
     assert p.returncode == 1 and "Traceback" not in p.stderr
     assert f"python 30_split_train_test.py --data-dir {tmp_path}" in p.stderr
+
+
+def test_to_csr_same_matrix_from_sorted_and_shuffled_rows():
+    rng = np.random.default_rng(1)
+    keys = np.sort(rng.choice(40 * 30, 300, replace=False))
+    u, i = (keys // 30).astype(np.int32), (keys % 30).astype(np.int32)
+    r = rng.integers(1, 6, len(keys)).astype(np.float32)
+    a = matrix_stage.to_csr(u, i, r, 40, 30)
+    perm = rng.permutation(len(keys))
+    b = matrix_stage.to_csr(u[perm].astype(np.int64), i[perm], r[perm], 40, 30)
+    for m in (a, b):
+        assert m.indices.dtype == np.int32 and m.indptr.dtype == np.int32 and m.has_sorted_indices
+    assert np.array_equal(a.indptr, b.indptr) and np.array_equal(a.indices, b.indices)
+    assert np.array_equal(a.data, b.data)
+    with pytest.raises(matrix_stage.PipelineError, match="occurs twice"):
+        matrix_stage.to_csr(np.r_[u, u[:1]], np.r_[i, i[:1]], np.r_[r, r[:1]], 40, 30)

@@ -222,9 +222,14 @@ def test_unseen_policy_counts():
     ids = make_ids(src)
     n_u, n_i = len(ids.users), len(ids.items)
     drop = split(ids.ratings, n_u, n_i, Config(strategy="temporal-user", test_ratio=0.34,
-                                                valid_ratio=0.0))
+                                                valid_ratio=0.0, unseen="drop"))
+    # keep is the default for every strategy (explicit ones included); auto means keep
     keep = split(ids.ratings, n_u, n_i, Config(strategy="temporal-user", test_ratio=0.34,
-                                                valid_ratio=0.0, unseen="keep"))
+                                                valid_ratio=0.0))
+    auto = split(ids.ratings, n_u, n_i, Config(strategy="temporal-user", test_ratio=0.34,
+                                                valid_ratio=0.0, unseen="auto"))
+    assert keep.unseen["policy"] == auto.unseen["policy"] == "keep"
+    assert drop.unseen["policy"] == "drop"
     # test: user 1 -> item 9, user 2 -> item 3, user 3 -> item 1; item 9 is unseen
     assert len(keep.test) == 3
     assert keep.unseen["test"] == {"rows": 1, "users": 0, "items": 1}
@@ -261,16 +266,17 @@ def _probe_data(tmp_path):
 def test_probe_split(tmp_path):
     probe = _probe_data(tmp_path)
     out = tmp_path / "30_split_train_test"
-    # customer 10 has no other rating: unseen in train, dropped by default
+    # customer 10 has no other rating: unseen in train, dropped with --unseen drop (kept by
+    # default, below)
     rc = run_main(split_stage.main, ["--data-dir", str(tmp_path), "--strategy", "probe",
-                                     "--probe", str(probe), "--valid-ratio", "0"])
+                                     "--probe", str(probe), "--valid-ratio", "0",
+                                     "--unseen", "drop"])
     assert rc == 0
     m = json.loads((out / "manifest.json").read_text())
     assert m["sizes"] == {"train": 6, "valid": 0, "test": 1}
     assert m["unseen"]["test"] == {"rows": 1, "users": 1, "items": 0}
     rc = run_main(split_stage.main, ["--data-dir", str(tmp_path), "--strategy", "probe",
-                                     "--probe", str(probe), "--valid-ratio", "0",
-                                     "--unseen", "keep"])
+                                     "--probe", str(probe), "--valid-ratio", "0"])
     assert rc == 0
     m = json.loads((out / "manifest.json").read_text())
     d = m["details"]
@@ -476,3 +482,21 @@ def test_strategies_dict_is_the_strategy_option_and_one_signature(tmp_path):
                                              **extra.get(name, {})), ctx=ctx)
         n_test = int((out.part == split_stage.TEST).sum()) if out.test is None else len(out.test)
         assert len(res.test) == n_test, name
+
+
+def test_random_holdout_is_the_permutation_draw_in_less_memory():
+    """random_holdout shuffles an int32 range: the same rows as the int64 permutation it
+    replaced (byte-identical splits), for a plain range and for a pool of rows."""
+    from recpipe import holdout
+    rng = np.random.default_rng(0)
+    for n, ratio, pool in [(0, 0.1, None), (1, 0.5, None), (1000, 0.1, None), (997, 0.3, None),
+                           (1000, 0.2, np.flatnonzero(rng.random(1000) < 0.9)),
+                           (50, 0.5, rng.permutation(200)[:50])]:
+        p = np.arange(n) if pool is None else pool
+        k = int(np.floor(len(p) * ratio + 0.5))
+        want = np.sort(p[np.random.default_rng([7, 1]).permutation(len(p))[:k]])
+        got = holdout.random_holdout(n, ratio, np.random.default_rng([7, 1]), among=pool)
+        assert got.dtype == np.int64 and np.array_equal(got, want)
+    mask = rng.random(10_001) < 0.7
+    got = holdout.flatnonzero_compact(mask, chunk=1000)
+    assert got.dtype == np.int32 and np.array_equal(got, np.flatnonzero(mask))

@@ -184,6 +184,63 @@ def test_ctrl_c_mid_epoch_then_resume_equals_uninterrupted_run(ml100k_random, mo
 
 
 @pytest.mark.shared
+def test_finished_checkpoint_refers_to_the_best_weights_and_resumes_exactly(ml100k_random,
+                                                                            monkeypatch):
+    """The tables are stored once per role: checkpoint.pt (the last epoch, for --resume)
+    refers to selected.pt for the best epoch's weights instead of holding a copy, and a
+    --resume with more epochs still ends where an uninterrupted run ends."""
+    import recpipe.train as train_mod
+    real = train_mod.evaluate
+    rmse = iter([])
+
+    def scripted(model, data, part, task, eval_batch=0, full=True):
+        out = real(model, data, part, task, eval_batch, full)
+        if not full:                      # per-epoch selection: epoch 2 is the best
+            out["rmse"] = next(rmse)
+        return out
+
+    monkeypatch.setattr(train_mod, "evaluate", scripted)
+    args = ["--model", "mf", "--patience", "10", *SMALL["mf"]]
+    out = ml100k_random / "60_train" / "mf"
+    rmse = iter([1.0, 0.9, 0.95, 0.96])
+    full = run(_cfg(ml100k_random, *args, "--epochs", "4"))
+    want = torch.load(out / "selected.pt", weights_only=True)["state_dict"]
+    rmse = iter([1.0, 0.9, 0.95])
+    run(_cfg(ml100k_random, *args, "--epochs", "3"))
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] == 3 and ck["best_epoch"] == 2
+    assert ck["best_state"] is None and ck["best_ref"] == "selected.pt"
+    sel = torch.load(out / "selected.pt", weights_only=True)["state_dict"]
+    assert not torch.equal(sel["user_factors.weight"], ck["state_dict"]["user_factors.weight"])
+    rmse = iter([0.96])
+    resumed = run(_cfg(ml100k_random, *args, "--epochs", "4", "--resume"))
+    assert resumed["best_epoch"] == full["best_epoch"] == 2
+    assert resumed["test"] == full["test"]
+    got = torch.load(out / "selected.pt", weights_only=True)["state_dict"]
+    for k, v in want.items():
+        assert torch.equal(v, got[k]), k
+
+
+@pytest.mark.shared
+def test_test_users_evaluates_a_stated_sample_with_its_interval(ml100k_random):
+    """--test-users: the final validation and the test use a fixed sample of users, which
+    metrics.json states, with counts and intervals for that sample; the selection is not
+    affected."""
+    args = ["--model", "mf", "--epochs", "2", "--no-refit", *SMALL["mf"]]
+    full = run(_cfg(ml100k_random, *args))
+    part = run(_cfg(ml100k_random, *args, "--test-users", "100"))
+    te = sp.load_npz(ml100k_random / "40_make_sparse_matrix" / "test.npz")
+    assert full["test_users"] == full["test_users_total"] == int((te.getnnz(1) > 0).sum())
+    assert part["test_users"] == 100 and part["test_users_total"] == full["test_users"]
+    assert part["best_epoch"] == full["best_epoch"]
+    assert full["test"]["rmse_n"] == te.nnz
+    assert 0 < part["test"]["rmse_n"] < te.nnz
+    lo, hi = part["test"]["rmse_ci"]
+    flo, fhi = full["test"]["rmse_ci"]
+    assert lo < part["test"]["rmse"] < hi and hi - lo > fhi - flo     # a wider interval
+
+
+@pytest.mark.shared
 def test_checkpoint_format_and_load_model(ml100k_random):
     run(_cfg(ml100k_random, "--model", "mf", "--epochs", "2", *SMALL["mf"]))
     out = ml100k_random / "60_train" / "mf"
@@ -333,6 +390,42 @@ def test_optimizer_auto_picks_sparse_adam_for_tables_much_larger_than_a_batch(tm
     loss, n = t.train_epoch()
     assert n == len(data.train) and math.isfinite(loss)
     t.l2.close()
+
+
+def test_batch_scale_grows_the_preset_batch_with_the_data_only():
+    """--batch-scale: the preset's batch doubles while an epoch has more than SCALE_STEPS
+    steps (capped), a batch the user gives is kept, the choice is made once (the refit on
+    more data keeps it), and small data keeps the preset's batch."""
+    import dataclasses
+    from recpipe.dataset import Part
+    from recpipe.train import for_data
+    from recpipe.train_config import SCALE_MAX_BATCH, SCALE_STEPS
+    data = _synthetic_data("explicit")
+    n = SCALE_STEPS * 2048 * 3                       # 3 epochs' worth of preset-batch steps
+    big = dataclasses.replace(data, train=Part(torch.zeros(n, dtype=torch.long),
+                                               torch.zeros(n, dtype=torch.long),
+                                               torch.ones(n)))
+    cfg = TrainConfig(model="mf").resolved()
+    assert cfg.batch_size == 2048 and cfg.batch_scale is True
+    assert for_data(cfg, data).batch_size == 2048                 # 900 ratings: unchanged
+    scaled = for_data(cfg, big)
+    assert scaled.batch_size == 8192 and scaled.batch_scale is False
+    assert n / scaled.batch_size <= SCALE_STEPS < n / (scaled.batch_size // 2)
+    more = dataclasses.replace(big, train=Part(*(torch.cat([t, t]) for t in
+                                                 (big.train.users, big.train.items,
+                                                  big.train.ratings))))
+    assert for_data(scaled, more).batch_size == 8192               # the refit keeps it
+    huge = dataclasses.replace(big, train=Part(torch.zeros(n * 64, dtype=torch.long),
+                                               torch.zeros(n * 64, dtype=torch.long),
+                                               torch.ones(n * 64)))
+    assert for_data(cfg, huge).batch_size == SCALE_MAX_BATCH
+    given = TrainConfig(model="mf", batch_size=2048).resolved()
+    assert given.batch_scale is False and for_data(given, big).batch_size == 2048
+    # implicit: positives plus their negatives count as samples
+    gmf = TrainConfig(model="gmf", task="implicit").resolved()
+    per = 1 + gmf.n_negatives
+    assert for_data(gmf, dataclasses.replace(big, task="implicit")).batch_size == min(
+        SCALE_MAX_BATCH, 1024 * 2 ** max(0, math.ceil(math.log2(n * per / (SCALE_STEPS * 1024)))))
 
 
 def test_a_validation_metric_that_never_moves_is_reported(tmp_path, monkeypatch, caplog):
