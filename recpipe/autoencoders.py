@@ -2,7 +2,7 @@
 ``--model multvae`` (implicit).
 
 Both are trained by epochs over ROWS, not (user, item) pairs: stage 60's ``train_epoch``
-sees that the family defines ``row_data`` / ``row_loss`` and iterates a seeded permutation
+sees ``batches = "rows"`` and iterates a seeded permutation
 of the rows those give, ``batch_size`` rows per step (``recpipe/train.py``). The rows stay
 on the device as a CSR (``DeviceCSR``: row pointers, columns, values as tensors); a batch is
 densified there by one scatter, so a step costs batch x n_cols floats, never the table.
@@ -97,6 +97,7 @@ class AutoRec(Family):
     default_task = "explicit"
     tasks = ("explicit",)
     input = "pairs"
+    batches = "rows"
     options = {"dim": "hidden units of the item autoencoder (the paper: 500)",
                "init_std": "std of the weights' initialisation"}
 
@@ -187,6 +188,7 @@ class MultVAE(Family):
     default_task = "implicit"
     tasks = ("implicit",)
     input = "rows"
+    batches = "rows"
     score_label = "score = Mult-VAE's decoder logit for the item from the user's train items"
     options = {"dim": "latent size of Mult-VAE (the paper: 200)",
                "hidden": "encoder/decoder hidden layer of Mult-VAE (the paper: 600)",

@@ -10,8 +10,10 @@
   ``"rows"`` (it scores from a user's interaction row, the train CSR: EASE, autoencoders);
   ``per_pair_scoring``: scoring all items holds a vector per (user, item) pair (MLP towers)
   rather than being one matrix product, which sizes the scoring blocks;
-- ``fit_by``: ``"epochs"`` of mini-batches (stage 60's loop, through ``forward`` and the
-  task's objective) or ``"closed_form"`` (``fit_closed_form``, once);
+- ``fit_by``: ``"epochs"`` of mini-batches (stage 60's loop) or ``"closed_form"``
+  (``fit_closed_form``, once); ``batches``: what an epoch iterates, ``"pairs"`` (through
+  ``forward`` and the task's objective) or ``"rows"`` (``row_data`` / ``row_loss`` /
+  ``rows_done``: the autoencoders);
 - its row-sparse tables: ``user_tables()`` and ``item_tables()`` (created with
   ``self.table``), for the lazy optimisers, the row L2 and the fold-in;
 - ``has_item_vectors`` and ``item_vectors()`` for similar items and explanations;
@@ -101,6 +103,9 @@ class Family(nn.Module):
     input: ClassVar[str] = "pairs"
     per_pair_scoring: ClassVar[bool] = False
     fit_by: ClassVar[str] = "epochs"
+    # what an epoch iterates: "pairs" (batches of (user, item) samples through forward and
+    # the objective) or "rows" (batches of CSR rows through row_data / row_loss / rows_done)
+    batches: ClassVar[str] = "pairs"
     has_item_vectors: ClassVar[bool] = True
     analytic_tasks: ClassVar[tuple[str, ...]] = ()
     pretrain_from: ClassVar[tuple[str, ...]] = ()      # families whose models init this one
@@ -199,6 +204,18 @@ class Family(nn.Module):
     def init_from(self, parts: dict[str, nn.Module], alpha: float) -> None:
         """Optional: initialise from trained models of the ``pretrain_from`` families."""
         raise NotImplementedError
+
+    # -- training on rows (batches = "rows") ----------------------------------------------
+    def row_data(self, data: Any) -> Any:
+        """The training rows an epoch permutes (``.n_rows``), kept on the device."""
+        raise NotImplementedError
+
+    def row_loss(self, idx: torch.Tensor, rows: Any, reg: float) -> torch.Tensor:
+        """The loss of the training rows ``idx`` of ``rows``."""
+        raise NotImplementedError
+
+    def rows_done(self, rows: Any) -> None:
+        """After an epoch over rows (e.g. refresh cached codes); nothing by default."""
 
     # -- rows without training data --------------------------------------------------------
     @torch.no_grad()

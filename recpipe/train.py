@@ -86,7 +86,7 @@ class Trainer:
         self.objective = for_task(cfg.task, scale=float(data.rating_std),
                                   n_negatives=cfg.n_negatives)
         # rows without train data are scored by a baseline (family.py): record them
-        self.model.learn_fallback(data.train, cfg.task == "explicit",
+        self.model.learn_fallback(data.train, self.objective.needs_ratings,
                                   self.objective.samples_per_positive > 1)
         self.by_epochs = self.cls.fit_by == "epochs"
         self.opt = Optimizers(self.model, cfg.optimizer, cfg.lr, cfg.momentum) \
@@ -232,7 +232,7 @@ class Trainer:
         model.train()
         self.epoch_factor = self._lr_factor_for(self.epoch + 1, factors)
         self.opt.set_factor(self.epoch_factor)
-        if hasattr(model, "row_loss"):          # autoencoders: batches of rows, not pairs
+        if self.cls.batches == "rows":          # autoencoders: batches of rows, not pairs
             return self._train_row_epoch()
         tr = data.train
         n = len(tr)
@@ -282,7 +282,7 @@ class Trainer:
         return float(loss_sum) / max(1, samples), samples
 
     def _train_row_epoch(self) -> tuple[float, int]:
-        """One epoch of a row-input family (``row_data`` / ``row_loss``: recpipe/autoencoders.py):
+        """One epoch of a family with ``batches = "rows"`` (recpipe/autoencoders.py):
         ``batch_size`` rows per step from a seeded permutation of the family's training rows
         (kept on the device, built once per data), ``row_loss`` with ``--reg``, then the
         family's ``rows_done`` (e.g. refreshing cached item codes). Returns (mean loss, rows)."""
@@ -305,9 +305,8 @@ class Trainer:
             self.opt.step()
             loss_sum += loss.detach().float() * idx.shape[0]
         bar.close()
-        if hasattr(model, "rows_done"):
-            model.eval()
-            model.rows_done(rows)
+        model.eval()
+        model.rows_done(rows)
         return float(loss_sum) / max(1, n), n
 
     def _check_loss(self, loss: float) -> None:

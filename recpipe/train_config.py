@@ -201,9 +201,9 @@ def for_data(cfg: TrainConfig, data: Data) -> TrainConfig:
         choice = "sparse_adam" if rows > AUTO_ROWS_PER_SAMPLE * batch else "adam"
         log.info("--optimizer auto: %s (%d user + item rows, batch %d)", choice, rows, batch)
         cfg = dataclasses.replace(cfg, optimizer=choice)
-    # families trained on batches of rows (the autoencoders' row_loss) count their batch in
-    # rows, not in pair samples: the rule is for pair batches
-    if cfg.batch_scale and cfg.batch_size and not hasattr(family(cfg.model), "row_loss"):
+    # families trained on batches of rows (the autoencoders) count their batch in rows, not
+    # in pair samples: the rule is for pair batches
+    if cfg.batch_scale and cfg.batch_size and family(cfg.model).batches == "pairs":
         samples = len(data.train) * for_task(cfg.task, n_negatives=cfg.n_negatives or 1
                                              ).samples_per_positive
         batch = cfg.batch_size

@@ -13,9 +13,10 @@ SHARED_DATA = Path(os.environ.get("RECPIPE_SHARED_DATA", ROOT.parent / "shared" 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """../shared/data, or skip with the reason when a fresh clone does not have it."""
+    """../shared/data, or skip with the reason when a fresh clone does not have it (session
+    scope, so module-scoped fixtures that build pipelines from it can use it)."""
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA} (set RECPIPE_SHARED_DATA to run)")
     return SHARED_DATA

@@ -105,14 +105,6 @@ def loo(tmp_path_factory, request) -> Path:
     return d
 
 
-@pytest.fixture(scope="module")
-def shared_data():
-    from conftest import SHARED_DATA
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA} (set RECPIPE_SHARED_DATA to run)")
-    return SHARED_DATA
-
-
 def _train(d: Path, *argv: str) -> dict:
     return run(parse_config(TrainConfig, ["--data-dir", str(d), "--threads", "2", *argv],
                             "60_train.py", ""))

@@ -11,7 +11,7 @@ SMALL = {"mf": {"dim": 4}, "deepmf": {"emb_dim": 8, "hidden": 4}, "gmf": {"dim":
 # the families that score (user, item) pairs from their own row tables, trained on pair batches;
 # EASE and the autoencoders have their own tests (tests/test_ease.py, tests/test_autoencoders.py)
 PAIR_FAMILIES = sorted(n for n, c in models.MODELS.items()
-                       if c.input == "pairs" and not hasattr(c, "row_loss"))
+                       if c.input == "pairs" and c.batches == "pairs")
 
 
 @pytest.mark.parametrize("name", PAIR_FAMILIES)

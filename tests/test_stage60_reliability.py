@@ -26,14 +26,6 @@ FAST = ["--threads", "1", "--batch-size", "8192", "--dim", "8"]
 
 
 @pytest.fixture(scope="module")
-def shared_data():
-    from conftest import SHARED_DATA
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA} (set RECPIPE_SHARED_DATA to run)")
-    return SHARED_DATA
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, shared_data) -> Path:
     """ML-100K, random split, a finished mf run (the 'last good model')."""
     d = tmp_path_factory.mktemp("rel")

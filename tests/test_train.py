@@ -53,14 +53,6 @@ def ml100k_loo(tmp_path_factory, request) -> Path:
     return _pipeline(tmp_path_factory.mktemp("loo"), shared, "--strategy", "loo")
 
 
-@pytest.fixture(scope="module")
-def shared_data():  # module-scoped twin of conftest's fixture (same skip rule)
-    from conftest import SHARED_DATA
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA} (set RECPIPE_SHARED_DATA to run)")
-    return SHARED_DATA
-
-
 def _global_mean_rmse(data_dir: Path) -> float:
     d = data_dir / "40_make_sparse_matrix"
     tr = sp.load_npz(d / "train.npz")

@@ -29,14 +29,6 @@ SPLIT = ["--strategy", "temporal-global", "--seed", "1"]
 
 
 @pytest.fixture(scope="module")
-def shared_data():
-    from conftest import SHARED_DATA
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA} (set RECPIPE_SHARED_DATA to run)")
-    return SHARED_DATA
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, shared_data) -> Path:
     d = tmp_path_factory.mktemp("unseen")
     write_ml100k_stage10(d, shared_data)
