@@ -7,6 +7,7 @@ bugs keep their traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import errno
 import json
@@ -154,14 +155,21 @@ def build_parser(cfg_cls: type, prog: str, description: str) -> argparse.Argumen
 
 def parse_config(cfg_cls: type, argv: Sequence[str] | None, prog: str, description: str):
     parser = build_parser(cfg_cls, prog, description)
-    ns = parser.parse_args(argv)
-    cfg = cfg_cls(**vars(ns))
-    check = getattr(cfg, "validate", None)
-    if check is not None:
-        try:
-            check()
-        except PipelineError as e:
-            parser.error(str(e))
+    # under torchrun every rank parses the same line: --help and usage errors print once
+    quiet = contextlib.ExitStack()
+    if _rank() != 0:
+        sink = quiet.enter_context(open(os.devnull, "w"))
+        quiet.enter_context(contextlib.redirect_stdout(sink))
+        quiet.enter_context(contextlib.redirect_stderr(sink))
+    with quiet:
+        ns = parser.parse_args(argv)
+        cfg = cfg_cls(**vars(ns))
+        check = getattr(cfg, "validate", None)
+        if check is not None:
+            try:
+                check()
+            except PipelineError as e:
+                parser.error(str(e))
     return cfg
 
 
@@ -245,6 +253,14 @@ def progress_disabled() -> bool:
     return not sys.stderr.isatty()
 
 
+def _rank() -> int:
+    """The process's rank under torchrun (0 without it)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None) -> int:
     """Run a script's main: user errors become one line and exit code 1.
 
@@ -255,7 +271,9 @@ def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | 
     try:
         main(argv)
     except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # under torchrun every rank meets the same user error: rank 0 reports it
+        if _rank() == 0 or os.environ.get("RECPIPE_VERBOSE") == "1":
+            print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
         if os.environ.get("RECPIPE_VERBOSE") == "1":

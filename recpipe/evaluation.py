@@ -13,6 +13,10 @@ counted, ``fallback_n``. ``full=True`` (stage 60's final evaluation of valid and
 reports each metric's count and 95% interval, ``<metric>_n`` and ``<metric>_ci`` = [lo, hi]
 (``metrics.py`` says how), beside the metric, which stays a plain number; the per-epoch
 validation (``full=False``) returns the metrics only.
+
+Under torchrun (``distributed.py``) every rank scores its shard of the pairs, candidate rows
+or users, and the scores (or the full-ranking sums) are combined over the ranks: every rank
+gets the metrics one process scoring the same model gets.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 from torch import nn
 
 from .dataset import Data
+from .distributed import current
 from .metrics import (finish_full, full_rank_metrics, rating_intervals, rmse_mae,
                       sampled_rank_metrics)
 from .scoring import fallback_mask, predict_pairs, score_blocks, score_candidates
@@ -68,6 +73,8 @@ def full_ranking(model: nn.Module, data: Data, part: str, block_users: int = 0,
         excl = excl + _binary(data.valid.users, data.valid.items, shape)
     excl = excl.tocsr()
     users = np.unique(p.users.cpu().numpy())
+    dist = current()
+    users = users[dist.shard(len(users))]        # under torchrun: this rank's users
     rel_rows = rel_csr[users]
     sums = []
     for a, b, scores in score_blocks(model, users, excl[users], data.device, block_users,
@@ -77,7 +84,21 @@ def full_ranking(model: nn.Module, data: Data, part: str, block_users: int = 0,
         rel[torch.from_numpy(sub.row.astype(np.int64)).to(data.device),
             torch.from_numpy(sub.col.astype(np.int64)).to(data.device)] = True
         sums.append(full_rank_metrics(scores, rel))
+    if dist.world > 1:
+        sums = [_summed_over_ranks(sums, data.n_items, data.device)]
     return finish_full(sums, intervals)
+
+
+def _summed_over_ranks(sums: list[dict[str, torch.Tensor]], n_items: int,
+                       device: torch.device) -> dict[str, torch.Tensor]:
+    """The per-block sums of ``full_rank_metrics`` of every rank's users, added up (float64;
+    a rank without users contributes zeros under the same keys)."""
+    keys = list(full_rank_metrics(torch.zeros(0, n_items, device=device),
+                                  torch.zeros(0, n_items, dtype=torch.bool, device=device)))
+    local = torch.tensor([float(sum(float(s[k]) for s in sums)) for k in keys],
+                         dtype=torch.float64, device=device)
+    total = current().all_reduce(local)
+    return {k: total[j] for j, k in enumerate(keys)}
 
 
 def _candidates(model: nn.Module, data: Data, part: str, intervals: bool = False
@@ -85,8 +106,11 @@ def _candidates(model: nn.Module, data: Data, part: str, intervals: bool = False
     if part not in data.candidates:
         return {}
     cu, ci = data.candidates[part]
-    return sampled_rank_metrics(score_candidates(model, cu, ci, data.train_csr), ci,
-                                intervals=intervals)
+    dist = current()
+    sl = dist.shard(len(cu))                   # under torchrun: every world-th user, gathered
+    scores = dist.combine(score_candidates(model, cu[sl], ci[sl], data.train_csr).float(),
+                          len(cu), sl)
+    return sampled_rank_metrics(scores, ci, intervals=intervals)
 
 
 def _rating_metrics(model: nn.Module, data: Data, part: str, eval_batch: int, full: bool
@@ -95,7 +119,10 @@ def _rating_metrics(model: nn.Module, data: Data, part: str, eval_batch: int, fu
     p = getattr(data, part)
     out = {}
     if len(p):
-        pred = predict_pairs(model, p.users, p.items, data.train_csr)
+        dist = current()
+        sl = dist.shard(len(p))                # under torchrun: every world-th pair, gathered
+        pred = dist.combine(predict_pairs(model, p.users[sl], p.items[sl],
+                                          data.train_csr).float(), len(p), sl)
         out = rmse_mae(pred, p.ratings, data.rating_scale)
         if full:
             out.update(rating_intervals(pred, p.ratings, p.users, data.rating_scale))

@@ -41,6 +41,8 @@ from .checkpoint import load_model, resolve_device, rng_state, save, set_rng_sta
 from .cli import (PipelineError, command_line, config_dict, keep_freed_memory, parse_config,
                   print_config, progress_disabled, set_seed)
 from .dataset import STAGE40, Data, KeySet, load_data, sample_users, with_valid_in_train
+from . import distributed
+from .distributed import derived_seed, table_names
 from .evaluation import evaluate, metric_line, selection_metric
 from .family import Family, family
 from .objectives import RowL2, for_task
@@ -61,7 +63,7 @@ DESCRIPTION = ("Train a recommendation model on stage 40's sparse matrices. Opti
 
 # configuration keys a resumed run may change: they do not alter what was trained so far
 _RESUME_FREE = {"epochs", "resume", "device", "threads", "eval_batch", "max_seconds", "refit",
-                "patience", "data_dir", "test_users"}
+                "patience", "data_dir", "test_users", "dist_backend", "dist_timeout"}
 
 
 class Trainer:
@@ -75,6 +77,8 @@ class Trainer:
         self.out_dir = out_dir
         self.command = command
         self.dev = data.device
+        # under torchrun (distributed.py): this rank's place; a world of one otherwise
+        self.dist = distributed.current()
         self.gen = torch.Generator(device=self.dev)
         self.gen.manual_seed(cfg.seed)
         set_seed(cfg.seed)
@@ -114,6 +118,9 @@ class Trainer:
         self.use_amp = cfg.amp and self.dev.type == "cuda"
         self.epoch_factor = 1.0
         self._keyset: KeySet | None = None     # train-key membership for negatives
+        self._tables = table_names(self.model)
+        # draws that differ between ranks (negatives): seeded per (seed, epoch, rank)
+        self.rank_gen = torch.Generator(device=self.dev)
         self.manual_grads = True   # the family's analytic gradient when it has one (tests)
 
     def _load_pretrained(self) -> None:
@@ -156,11 +163,16 @@ class Trainer:
                 "rng": rng_state(self.gen), "history": self.history,
                 "first_loss": self.first_loss, "train_seconds": self.train_seconds,
                 "n_users": self.data.n_users, "n_items": self.data.n_items,
-                "upstream": self.data.fingerprint}
+                "upstream": self.data.fingerprint, "world_size": self.dist.world}
 
     def save_checkpoint(self) -> None:
-        save(self.checkpoint(), self.out_dir / "checkpoint.pt")
+        if self.dist.leader:                   # every rank holds the same state: rank 0 saves
+            save(self.checkpoint(), self.out_dir / "checkpoint.pt")
         self.saved_epoch = self.epoch
+
+    def _write_history(self) -> None:
+        if self.dist.leader:
+            write_history(self.out_dir / "history.csv", self.history)
 
     def _best_state(self, ck: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
         """The best epoch's weights of checkpoint ``ck``: its own, its current ones, or
@@ -188,6 +200,13 @@ class Trainer:
         diff = [k for k in sorted(set(old) | set(now)) if k not in _RESUME_FREE
                 and old.get(k) != now.get(k)]
         up_now = self.data.fingerprint
+        world = int(ck.get("world_size", 1))
+        if world != self.dist.world:
+            raise PipelineError(f"--resume: {path} was trained by {world} process(es), this "
+                                f"run has {self.dist.world}: the per-rank negatives and "
+                                f"batch shards differ; resume with `torchrun "
+                                f"--nproc_per_node {world} ...` (or plain python for 1), or "
+                                f"run without --resume")
         if ck.get("upstream") != up_now:
             raise PipelineError(f"--resume: {path} was trained on another build of "
                                 f"{STAGE40} (fingerprint {ck.get('upstream')}, now {up_now}): "
@@ -253,21 +272,25 @@ class Trainer:
         scratch: dict = {}
         if per > 1 and (self._keyset is None or self._keyset.keys is not data.train_keys):
             self._keyset = KeySet(data.train_keys, data.n_users * data.n_items)
+        dist = self.dist
+        neg_gen = self._rank_draws() if dist.world > 1 else self.gen
         for s in bar:
-            idx = perm[s:s + pos_per_batch].long()
+            idx, share = self._my_chunk(perm[s:s + pos_per_batch])
             u = tr.users.index_select(0, idx)      # index_select: ~8x faster than users[idx]
             i = tr.items.index_select(0, idx)
             r = tr.ratings.index_select(0, idx)
             if manual:
                 loss, updates = model.analytic_grad(u, i, r, cfg.reg, scratch, rows_path)
                 if rows_path:
-                    self.opt.step_rows(updates)
+                    self.opt.step_rows(dist.reduce_rows(updates, share, self._tables))
                 else:
+                    dist.reduce_grads(model, share)
                     self.opt.step()
-                loss_sum += loss * u.shape[0]
-                samples += int(u.shape[0])
+                if share > 0:
+                    loss_sum += loss * u.shape[0]
+                    samples += int(u.shape[0])
                 continue
-            uu, ii, y = objective.expand(u, i, r, self._keyset, data.n_items, self.gen)
+            uu, ii, y = objective.expand(u, i, r, self._keyset, data.n_items, neg_gen)
             self.l2.active = cfg.reg > 0
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_amp):
                 loss = objective.loss(model(uu, ii).float(), y)
@@ -275,10 +298,44 @@ class Trainer:
             self.l2.active = False
             self.opt.zero_grad()
             total.backward()
+            dist.reduce_grads(model, share)
             self.opt.step()
-            loss_sum += loss.detach() * uu.shape[0]
-            samples += int(uu.shape[0])
+            if share > 0:
+                loss_sum += loss.detach() * uu.shape[0]
+                samples += int(uu.shape[0])
         bar.close()
+        return self._epoch_loss(loss_sum, samples)
+
+    def _my_chunk(self, idx: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """This rank's contiguous chunk of a global batch ``idx`` and its share of the
+        batch (the weight of its gradient). A rank left without samples (a last batch
+        smaller than the world) computes on one sample with weight 0, so that every rank
+        takes part in the same collectives."""
+        if self.dist.world == 1:
+            return idx.long(), 1.0
+        n = idx.numel()
+        mine = torch.tensor_split(idx, self.dist.world)[self.dist.rank]
+        if mine.numel() == 0:
+            return idx[:1].long(), 0.0
+        return mine.long(), mine.numel() / n
+
+    def _rank_draws(self) -> torch.Generator:
+        """Under torchrun: seed this epoch's per-rank draws from (seed, epoch, rank): the
+        negatives (the returned generator) and torch's global RNG (dropout, VAE noise).
+        Reproducible for a given world size, with nothing per rank to checkpoint."""
+        s = derived_seed(self.cfg.seed, self.epoch + 1, self.dist.rank)
+        torch.manual_seed(s)
+        self.rank_gen.manual_seed(s)
+        return self.rank_gen
+
+    def _epoch_loss(self, loss_sum: torch.Tensor, samples: int) -> tuple[float, int]:
+        """(mean loss, samples) of the epoch over every rank."""
+        if self.dist.world > 1:
+            t = self.dist.all_reduce(torch.stack([loss_sum.double().reshape(()),
+                                                  torch.tensor(float(samples),
+                                                               dtype=torch.float64,
+                                                               device=self.dev)]))
+            loss_sum, samples = t[0], int(t[1])
         return float(loss_sum) / max(1, samples), samples
 
     def _train_row_epoch(self) -> tuple[float, int]:
@@ -296,18 +353,24 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.dev)
         bar = tqdm(range(0, n, bs), desc=f"epoch {self.epoch + 1}", unit="batch", leave=False,
                    disable=progress_disabled())
+        if self.dist.world > 1:
+            self._rank_draws()
+        done = 0
         for s in bar:
-            idx = perm[s:s + bs]
+            idx, share = self._my_chunk(perm[s:s + bs])
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_amp):
                 loss = model.row_loss(idx, rows, cfg.reg or 0.0)
             self.opt.zero_grad()
             loss.float().backward()
+            self.dist.reduce_grads(model, share)
             self.opt.step()
-            loss_sum += loss.detach().float() * idx.shape[0]
+            if share > 0:
+                loss_sum += loss.detach().float() * idx.shape[0]
+                done += int(idx.shape[0])
         bar.close()
         model.eval()
         model.rows_done(rows)
-        return float(loss_sum) / max(1, n), n
+        return self._epoch_loss(loss_sum, done)
 
     def _check_loss(self, loss: float) -> None:
         epoch = self.epoch + 1
@@ -349,7 +412,8 @@ class Trainer:
         while self.epoch < epochs:
             if not refit and self.bad_epochs >= cfg.patience:
                 break
-            if not refit and cfg.max_seconds and time.perf_counter() - t_run > cfg.max_seconds:
+            if not refit and cfg.max_seconds and self.dist.broadcast_flag(
+                    time.perf_counter() - t_run > cfg.max_seconds):   # rank 0's clock
                 log.info("stopping: --max-seconds %.0f reached", cfg.max_seconds)
                 break
             t0 = time.perf_counter()
@@ -359,6 +423,7 @@ class Trainer:
             t_train = time.perf_counter() - t0
             self._check_loss(loss)
             spent += t_train
+            self.dist.check_replicas(self.model, self.epoch + 1)
             if refit:
                 self.epoch += 1
                 log.info("refit epoch %3d/%d  loss %.4f  %.1fs  %.0f samples/s", self.epoch,
@@ -388,7 +453,7 @@ class Trainer:
             log.info("epoch %3d  loss %.4f  valid %s %.4f%s  %.1fs  %.0f samples/s",
                      self.epoch, loss, self.metric, v, mark, secs, row["samples_per_s"])
             self.save_checkpoint()
-            write_history(self.out_dir / "history.csv", self.history)
+            self._write_history()
         if not refit:
             self._warn_if_constant()
         return spent
@@ -417,8 +482,8 @@ class Trainer:
         best_reg, t_run = None, time.perf_counter()
         with ctx as fit:
             for reg in grid:
-                if not refit and cfg.max_seconds and \
-                        time.perf_counter() - t_run > cfg.max_seconds:
+                if not refit and cfg.max_seconds and self.dist.broadcast_flag(
+                        time.perf_counter() - t_run > cfg.max_seconds):
                     log.info("stopping the grid: --max-seconds %.0f reached", cfg.max_seconds)
                     break
                 t0 = time.perf_counter()
@@ -427,6 +492,7 @@ class Trainer:
                     torch.cuda.synchronize()
                 t_fit = time.perf_counter() - t0
                 self.epoch += 1
+                self.dist.check_replicas(model, self.epoch)
                 if refit:
                     log.info("refit: %s in closed form on train + valid, reg %s, %.1fs",
                              cfg.model, reg, t_fit)
@@ -444,7 +510,7 @@ class Trainer:
                                      "seconds": round(time.perf_counter() - t0, 3)})
                 log.info("reg %-8s valid %s %.4f%s  fit %.1fs", reg, self.metric, v, mark,
                          t_fit)
-                write_history(self.out_dir / "history.csv", self.history)
+                self._write_history()
             if not refit and self.best_epoch and self.best_epoch != self.epoch:
                 fit({**config_dict(cfg), "reg": best_reg})
             spent = time.perf_counter() - t_run
@@ -500,6 +566,10 @@ def run(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     torch.set_flush_denormal(True)
     keep_freed_memory()
     dev = resolve_device(cfg.device)
+    # under torchrun: join the group (gloo on the CPU, NCCL on CUDA; cuda:LOCAL_RANK)
+    dist = distributed.setup(cfg.dist_backend, dev, cfg.dist_timeout)
+    dev = dist.device if dist.enabled else dev
+    dist.new_run()
     up40 = read_manifest(cfg.data_dir, STAGE40, needed_by=PROG)
     rated = int((up40.get("nnz") or {}).get("train", 1)) > 0
     cls = family(cfg.model)
@@ -512,11 +582,33 @@ def run(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     # checkpoint --resume continues from) and swaps it in at the end: a failed, refused,
     # diverged or killed run leaves the previous model, metrics and manifest as they were
     work = work_dir(cfg.data_dir, cfg.model)
-    with StageOutput(cfg.data_dir, f"{STAGE}/{cfg.model}", work_dir=work) as out:
-        _prepare_work(work, final_dir, cfg.resume)
-        metrics, manifest = _train_and_test(cfg, data, work, command, up40)
-        out.commit(manifest)
-    return metrics
+    try:
+        if not dist.leader:
+            # rank 0 holds the lock and writes; the others train and evaluate with it
+            dist.barrier()
+            return _train_and_test(cfg, data, work, command, up40)[0]
+        with StageOutput(cfg.data_dir, f"{STAGE}/{cfg.model}", work_dir=work) as out:
+            _prepare_work(work, final_dir, cfg.resume)
+            dist.barrier()                 # the work folder (and its checkpoint) is ready
+            metrics, manifest = _train_and_test(cfg, data, work, command, up40)
+            out.commit(manifest)
+        return metrics
+    except RuntimeError as e:
+        if dist.world > 1 and _lost_peer(e):
+            raise PipelineError(
+                f"rank {dist.rank} of {dist.world}: lost contact with another rank "
+                f"({str(e).strip().splitlines()[0][:200]}); {final_dir} is unchanged and "
+                f"{work / 'checkpoint.pt'} holds the last completed epoch: rerun with "
+                f"--resume and the same --nproc_per_node") from None
+        raise
+
+
+def _lost_peer(e: Exception) -> bool:
+    """A collective failed because another rank died or stopped answering (gloo's
+    connection errors, a timeout, NCCL's errors)."""
+    text = f"{type(e).__name__} {e}".lower()
+    return any(w in text for w in ("connection", "timed out", "timeout", "peer", "gloo",
+                                   "nccl", "distbackend", "broken pipe", "socket"))
 
 
 def work_dir(data_dir: Path, model: str) -> Path:
@@ -584,6 +676,11 @@ def _train_and_test(cfg: TrainConfig, data: Data, out_dir: Path, command: str,
     valid = evaluate(trainer.model, final_data, "valid", cfg.task, cfg.eval_batch, full=True)
     final = refit(cfg, data, trainer, out_dir) if cfg.refit else trainer.model
     test = evaluate(final, final_data, "test", cfg.task, cfg.eval_batch, full=True)
+    dist = trainer.dist
+    described = dist.describe() if dist.enabled else None
+    if not dist.leader:
+        return {"test": test, "valid": valid, "best_epoch": trainer.best_epoch,
+                "train_seconds": round(trainer.train_seconds, 3)}, {}
     meta = {"model": cfg.model, "model_args": trainer.args,
             "state_dict": final.state_dict(), "task": cfg.task, "refit": bool(cfg.refit),
             "rating_scale": [float(data.rating_scale[0]), float(data.rating_scale[1])],
@@ -614,7 +711,10 @@ def _train_and_test(cfg: TrainConfig, data: Data, out_dir: Path, command: str,
                "valid_epoch_users": trainer.valid_epoch_users,
                "valid_final_users": n_eval["valid"], "test_users": n_eval["test"],
                "test_users_total": n_total["test"],
-               "train_seconds": round(trainer.train_seconds, 3), "config": config_dict(cfg)}
+               "train_seconds": round(trainer.train_seconds, 3), "config": config_dict(cfg),
+               # torchrun: world size, backend, devices, bytes per step, replica checksums
+               "distributed": described or {"world_size": 1, "backend": "none",
+                                            "devices": [str(data.device)]}}
     write_json(out_dir / "metrics.json", metrics)
     manifest = {
         "stage": STAGE, "model": cfg.model, "task": cfg.task,
@@ -635,6 +735,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = parse_config(TrainConfig, argv, PROG, DESCRIPTION)
     command = command_line(PROG, argv)
     metrics = run(cfg, command)
+    if not distributed.current().leader:
+        return metrics
     out = stage_dir(cfg.data_dir, STAGE) / cfg.model
     print(json.dumps({"model": cfg.model, "test": metrics["test"], "valid": metrics["valid"],
                       "best_epoch": metrics["best_epoch"],

@@ -104,6 +104,12 @@ class TrainConfig:
                           "(test_users of test_users_total) and each metric's 95%% interval")
     max_seconds: float = opt(0.0, "stop training after this many seconds (0 = no limit); "
                              "the best epoch so far is kept")
+    dist_backend: str = opt("auto", "under torchrun: the torch.distributed backend, auto "
+                            "(nccl on CUDA, gloo on the CPU), gloo or nccl (ignored without "
+                            "torchrun; docs/distributed.md)", choices=["auto", "gloo", "nccl"])
+    dist_timeout: float = opt(300.0, "under torchrun: seconds a collective waits for a rank "
+                              "that stopped answering before this rank fails with a one-line "
+                              "error (torchrun then stops the others)")
 
     def validate(self) -> None:
         for name in ("epochs", "dim", "hidden", "n_negatives", "patience"):
@@ -119,6 +125,9 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and not (v >= 0 and math.isfinite(v)):
                 raise PipelineError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+        if not (self.dist_timeout > 0 and math.isfinite(self.dist_timeout)):
+            raise PipelineError(f"--dist-timeout must be a positive number of seconds, got "
+                                f"{self.dist_timeout}")
         if self.test_users < 0:
             raise PipelineError(f"--test-users must be >= 0 (0 = all), got {self.test_users}")
         if self.valid_users < 0:
