@@ -36,6 +36,7 @@ every call here is a no-op.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
@@ -406,6 +407,10 @@ def setup(backend: str, device: torch.device, timeout_s: float) -> Dist:
     tdist.init_process_group(name, timeout=datetime.timedelta(seconds=float(timeout_s)),
                              **kwargs)
     _CURRENT = Dist(world, rank, local, name, device)
+    # leave the group before the interpreter exits: a gloo group destroyed with its
+    # threads still running aborts the process ("terminate called without an active
+    # exception"), which torchrun reports as a failed rank
+    atexit.register(_CURRENT.close)
     if rank != 0:
         # rank 0 logs for the run; the others say only what goes wrong on them
         logging.getLogger("recpipe").setLevel(logging.WARNING)

@@ -17,6 +17,11 @@ to the embedding rows the batch uses (per sample), not as weight decay over the 
 A family with an analytic gradient of the objective (``analytic_tasks``) skips autograd:
 dense gradients for adam/sgd, row-compact ones straight into ``optim.RowSparseAdam`` for
 sparse_adam (tests check both against autograd).
+
+Under ``torchrun --nproc_per_node N`` the same loop runs on every rank (``distributed.py``,
+docs/distributed.md): each rank takes its chunk of every global batch, the gradients are
+combined with collectives before each step, evaluation is sharded and combined, and only
+rank 0 takes the lock and writes.
 """
 from __future__ import annotations
 
@@ -586,12 +591,14 @@ def run(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
         if not dist.leader:
             # rank 0 holds the lock and writes; the others train and evaluate with it
             dist.barrier()
-            return _train_and_test(cfg, data, work, command, up40)[0]
-        with StageOutput(cfg.data_dir, f"{STAGE}/{cfg.model}", work_dir=work) as out:
-            _prepare_work(work, final_dir, cfg.resume)
-            dist.barrier()                 # the work folder (and its checkpoint) is ready
-            metrics, manifest = _train_and_test(cfg, data, work, command, up40)
-            out.commit(manifest)
+            metrics = _train_and_test(cfg, data, work, command, up40)[0]
+        else:
+            with StageOutput(cfg.data_dir, f"{STAGE}/{cfg.model}", work_dir=work) as out:
+                _prepare_work(work, final_dir, cfg.resume)
+                dist.barrier()             # the work folder (and its checkpoint) is ready
+                metrics, manifest = _train_and_test(cfg, data, work, command, up40)
+                out.commit(manifest)
+        dist.barrier()                     # the ranks leave together, after the commit
         return metrics
     except RuntimeError as e:
         if dist.world > 1 and _lost_peer(e):
@@ -646,7 +653,7 @@ def _train_and_test(cfg: TrainConfig, data: Data, out_dir: Path, command: str,
         # optimizer and RNG are mid-epoch now, and saving them would make the resumed run
         # differ from an uninterrupted one. History and curve are brought up to that epoch.
         done = trainer.saved_epoch
-        if done > 0:
+        if done > 0 and trainer.dist.leader:
             history = [h for h in trainer.history if h["epoch"] <= done]
             write_history(out_dir / "history.csv", history)
             plot_curve(out_dir / "curve.png", history, trainer.metric,

@@ -64,7 +64,8 @@ class TrainConfig:
     lr: Optional[float] = opt(None, "learning rate" + PRESET)
     momentum: Optional[float] = opt(None, "sgd momentum" + PRESET)
     batch_size: Optional[int] = opt(None, "training samples per step (implicit: positives + "
-                                    "negatives); 0 = full batch" + PRESET)
+                                    "negatives); 0 = full batch; under torchrun the global "
+                                    "batch, cut into one chunk per process" + PRESET)
     batch_scale: Optional[bool] = opt(None, "grow the batch with the data: doubled while an "
                                       f"epoch has more than {SCALE_STEPS} steps, up to "
                                       f"{SCALE_MAX_BATCH:,} samples (the learning rate is "

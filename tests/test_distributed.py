@@ -67,17 +67,8 @@ def _ok(proc) -> subprocess.CompletedProcess:
     return proc
 
 
-def _single(*args: str) -> subprocess.CompletedProcess:
-    os.environ.update(ENV)
-    return run_script("60_train.py", *args)
-
-
 def _state(data_dir: Path, model: str, name: str = "model.pt") -> dict[str, torch.Tensor]:
     return torch.load(data_dir / "60_train" / model / name, weights_only=True)["state_dict"]
-
-
-def _metrics(data_dir: Path, model: str) -> dict:
-    return json.loads((data_dir / "60_train" / model / "metrics.json").read_text())
 
 
 def _max_diff(a: dict, b: dict) -> float:
