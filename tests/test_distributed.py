@@ -112,8 +112,11 @@ RUNS = {
                              ("random", "mlp", "explicit"), ("loo", "gmf", "implicit"),
                              ("loo", "multvae", "implicit"), ("loo", "ease", "implicit"))},
 }
-EXACT = ["mf rows, 3 steps", "mf rows, batch 512", "neumf sparse, 3 steps", "gmf dense adam",
-         "mf defaults"]
+# label -> largest parameter difference allowed: 1e-5 after 3 steps; Adam divides by
+# sqrt(v), so float-order differences (the gathered sums against one index_add_) grow a
+# little over hundreds of steps (measured: 3e-6 after 159 steps, 7e-6 after 252)
+EXACT = {"mf rows, 3 steps": 1e-5, "neumf sparse, 3 steps": 1e-5, "gmf dense adam": 1e-5,
+         "mf rows, batch 512": 1e-4, "mf defaults": 1e-4}
 
 
 @pytest.fixture(scope="module")
@@ -144,9 +147,10 @@ def _load(folder: Path) -> tuple[dict, dict]:
 @pytest.mark.parametrize("label", EXACT)
 def test_two_gloo_processes_match_one_process_at_the_same_global_batch(runs, label):
     """Explicit runs draw nothing per rank: at the same global batch, two processes end
-    where one does (parameters to 1e-5, test RMSE to 1e-5, every pair scored by both)."""
+    where one does (parameters to 1e-5 after 3 steps, 1e-4 after a few hundred; test RMSE to
+    1e-5; every pair scored by both)."""
     (a, m1), (b, m2) = _load(runs[1] / label), _load(runs[2] / label)
-    assert _max_diff(a, b) < 1e-5, label
+    assert _max_diff(a, b) < EXACT[label], label
     assert m1["distributed"]["world_size"] == 1 and m2["distributed"]["world_size"] == 2
     assert m2["distributed"]["backend"] == "gloo"
     assert m2["distributed"]["devices"] == ["cpu", "cpu"]
