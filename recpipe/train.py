@@ -587,6 +587,8 @@ def run(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     # checkpoint --resume continues from) and swaps it in at the end: a failed, refused,
     # diverged or killed run leaves the previous model, metrics and manifest as they were
     work = work_dir(cfg.data_dir, cfg.model)
+    if dist.world > 1:
+        _stop_on_sigterm(dist, final_dir, work)
     try:
         if not dist.leader:
             # rank 0 holds the lock and writes; the others train and evaluate with it
@@ -608,6 +610,21 @@ def run(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
                 f"{work / 'checkpoint.pt'} holds the last completed epoch: rerun with "
                 f"--resume and the same --nproc_per_node") from None
         raise
+
+
+def _stop_on_sigterm(dist: "distributed.Dist", final_dir: Path, work: Path) -> None:
+    """torchrun stops the surviving ranks with SIGTERM when one fails: end with one line
+    (and the usual cleanup: the lock released, the published folder untouched) instead of
+    dying mid-step without a word."""
+    import signal
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)      # a second one ends at once
+        raise PipelineError(f"rank {dist.rank} of {dist.world}: stopped by torchrun because "
+                            f"another rank failed (see its message above); {final_dir} is "
+                            f"unchanged and {work / 'checkpoint.pt'} holds the last completed "
+                            f"epoch: rerun with --resume and the same --nproc_per_node")
+    signal.signal(signal.SIGTERM, stop)
 
 
 def _lost_peer(e: Exception) -> bool:

@@ -258,6 +258,9 @@ def test_a_killed_rank_stops_the_run_and_resume_continues_it(random_dir, tmp_pat
         raise AssertionError("the surviving rank did not stop within 120 s")
     assert proc.returncode != 0
     assert time.time() - t0 < 120
+    # the survivor says what happened in one line: a collective that lost its peer, or
+    # torchrun's SIGTERM, whichever reached it first
+    assert "error: rank 0 of 2: " in err and "--resume" in err, err[-3000:]
     # the published model is the one of the run before
     assert (random_dir / "60_train" / "mf" / "manifest.json").read_bytes() == published
     done = torch.load(ck, weights_only=True)["epoch"]
