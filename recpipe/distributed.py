@@ -245,11 +245,12 @@ class Dist:
         if not (self.enabled and self.world > 1):
             return
         tables = {id(m.weight): name for name, m in _named_tables(model)}
+        # the weights without a gradient this step are the same on every rank (the same
+        # graph): left without one, as one process would leave them
         dense = [p for p in model.parameters()
-                 if id(p) not in tables and p.requires_grad]
+                 if id(p) not in tables and p.requires_grad and p.grad is not None]
         if dense:
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in dense]
-            flat = torch.cat([g.reshape(-1) for g in grads]).mul_(share)
+            flat = torch.cat([p.grad.reshape(-1) for p in dense]).mul_(share)
             tdist.all_reduce(flat)
             self._count("dense weights", flat.numel() * flat.element_size(), dense=True)
             off = 0
@@ -260,7 +261,7 @@ class Dist:
         names, parts, sizes, params = [], [], [], []
         for name, m in _named_tables(model):
             p = m.weight
-            if not p.requires_grad:
+            if not p.requires_grad or p.grad is None:    # unused this step, on every rank
                 continue
             rows, vals = _rows_of(p.grad, p, share)
             names.append(name)
@@ -268,8 +269,7 @@ class Dist:
             sizes.append(p.shape[0])
             params.append(p)
         for p, (rows, vals), sparse in zip(params, self._gather_rows(names, parts, sizes),
-                                           [p.grad is not None and p.grad.is_sparse
-                                            for p in params]):
+                                           [p.grad.is_sparse for p in params]):
             if sparse:
                 if rows is None:                            # dense sum -> touched rows
                     rows = (vals != 0).any(1).nonzero().squeeze(1)
