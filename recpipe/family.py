@@ -79,11 +79,24 @@ def family(name: str) -> type["Family"]:
 def look(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
     """Rows ``idx`` (any shape) of an embedding table.
 
+    When the trainer sets ``emb.compact`` to a list (sparse_adam with autograd), the table's
+    distinct looked-up rows are gathered into a leaf tensor and ``(rows, leaf)`` appended to
+    the list: backward then gives the rows' gradients directly, for ``RowSparseAdam.step_rows``.
+
     Dense tables use ``index_select``, whose backward (an ``index_add``) is about 3x faster on
     CPU than ``nn.Embedding``'s; sparse tables go through the module (sparse gradients). When
     the trainer sets ``emb.captured`` to a list, the looked-up rows are appended to it (the
     row L2 on the rows a batch used)."""
-    if emb.sparse:
+    compact = getattr(emb, "compact", None)
+    if compact is not None:
+        # row-compact training (the trainer's sparse_adam path): the distinct rows become a
+        # leaf of their own, so backward yields [rows, dim] gradients for step_rows, with no
+        # sparse tensor to coalesce and no pass over the table
+        rows, inv = torch.unique(idx.reshape(-1), return_inverse=True)
+        leaf = emb.weight.detach().index_select(0, rows).requires_grad_()
+        compact.append((rows, leaf))
+        out = leaf.index_select(0, inv).view(*idx.shape, emb.embedding_dim)
+    elif emb.sparse:
         out = emb(idx)
     else:
         out = emb.weight.index_select(0, idx.reshape(-1)).view(*idx.shape, emb.embedding_dim)

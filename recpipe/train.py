@@ -127,6 +127,7 @@ class Trainer:
         # draws that differ between ranks (negatives): seeded per (seed, epoch, rank)
         self.rank_gen = torch.Generator(device=self.dev)
         self.manual_grads = True   # the family's analytic gradient when it has one (tests)
+        self.compact_rows = True   # sparse_adam via row-compact leaves, not sparse grads (tests)
 
     def _load_pretrained(self) -> None:
         # the selection run starts from parts trained on train only (selected.pt, when they
@@ -274,6 +275,9 @@ class Trainer:
         manual = (self.manual_grads and cfg.task in self.cls.analytic_tasks
                   and cfg.optimizer in ("adam", "sgd", "sparse_adam"))
         rows_path = manual and cfg.optimizer == "sparse_adam"
+        # sparse_adam through autograd: the distinct rows of each table are a leaf of their
+        # own (family.look), and their gradients go to RowSparseAdam.step_rows
+        rows_compact = not manual and cfg.optimizer == "sparse_adam" and self.compact_rows
         scratch: dict = {}
         if per > 1 and (self._keyset is None or self._keyset.keys is not data.train_keys):
             self._keyset = KeySet(data.train_keys, data.n_users * data.n_items)
@@ -297,19 +301,56 @@ class Trainer:
                 continue
             uu, ii, y = objective.expand(u, i, r, self._keyset, data.n_items, neg_gen)
             self.l2.active = cfg.reg > 0
+            compact = self._compact(rows_compact)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_amp):
                 loss = objective.loss(model(uu, ii).float(), y)
             total = loss + cfg.reg * self.l2.take(uu.shape[0]) if cfg.reg > 0 else loss
             self.l2.active = False
             self.opt.zero_grad()
             total.backward()
-            dist.reduce_grads(model, share)
+            dist.reduce_grads(model, share)            # the towers (and sparse/dense tables)
             self.opt.step()
+            if compact is not None:                    # the tables' rows: RowSparseAdam
+                self.opt.step_rows(dist.reduce_rows(self._compact_updates(compact), share,
+                                                    self._tables))
             if share > 0:
                 loss_sum += loss.detach() * uu.shape[0]
                 samples += int(uu.shape[0])
         bar.close()
         return self._epoch_loss(loss_sum, samples)
+
+    def _compact(self, on: bool) -> dict[int, tuple[torch.Tensor, list]] | None:
+        """Turn on row-compact lookups for the next forward (``family.look``): returns
+        {id(table weight): (weight, the list its lookups append (rows, leaf) to)}."""
+        if not on:
+            return None
+        out = {}
+        for m in self.model.row_sparse_tables():
+            m.compact = []
+            out[id(m.weight)] = (m.weight, m.compact)
+        return out
+
+    def _compact_updates(self, compact: dict) -> list[tuple[torch.Tensor, torch.Tensor,
+                                                             torch.Tensor]]:
+        """The (weight, distinct rows, their summed gradient) of each table the forward
+        looked up, for ``RowSparseAdam.step_rows``; the lookups are switched off again."""
+        updates = []
+        for m in self.model.row_sparse_tables():
+            m.compact = None
+        for w, looked in compact.values():
+            looked = [(r, leaf) for r, leaf in looked if leaf.grad is not None]
+            if not looked:
+                continue
+            if len(looked) == 1:
+                rows, grad = looked[0][0], looked[0][1].grad
+            else:                              # several lookups of one table: sum by row
+                rows, inv = torch.unique(torch.cat([r for r, _ in looked]),
+                                         return_inverse=True)
+                grad = torch.zeros((rows.numel(), *w.shape[1:]), dtype=w.dtype,
+                                   device=w.device).index_add_(
+                    0, inv, torch.cat([leaf.grad for _, leaf in looked]))
+            updates.append((w, rows, grad))
+        return updates
 
     def _my_chunk(self, idx: torch.Tensor) -> tuple[torch.Tensor, float]:
         """This rank's contiguous chunk of a global batch ``idx`` and its share of the
