@@ -11,6 +11,8 @@ tensors stage 60 trains on, then times:
     python bench/bench_train.py                      # the issue's sizes
     python bench/bench_train.py --ratings 1000000    # quicker
     python bench/bench_train.py --optimizer sparse_adam --batch-size 65536
+    python bench/bench_train.py --users 480189 --items 17770 --skip mf eval --threads 1 \
+        --optimizer sparse_adam --batch-size 32768 --neumf-positives 300000 --sparse-paths
     python bench/bench_train.py --skip neumf eval --rounds 2 \
         --mf-runs adam:65536 sparse_adam:65536 adam:2048 sparse_adam:2048
 """
@@ -72,14 +74,15 @@ def _head(data: Data, n: int) -> Data:
     return dataclasses.replace(data, train=Part(t.users[:n], t.items[:n], t.ratings[:n]))
 
 
-def time_epoch(data: Data, cfg: TrainConfig, out: Path, limit: int = 0
-               ) -> tuple[float, int, float, str]:
+def time_epoch(data: Data, cfg: TrainConfig, out: Path, limit: int = 0,
+               compact: bool = True) -> tuple[float, int, float, str]:
     """Seconds, samples and loss of one training epoch (over the first ``limit`` train
     interactions when given), after a short warm-up epoch on 3 batches; and the optimizer
     (``auto`` resolved for the full data)."""
     chosen = for_data(cfg.resolved(), data).optimizer
     cfg = dataclasses.replace(cfg, optimizer=chosen)
     trainer = Trainer(cfg.resolved(), _head(data, 3 * cfg.batch_size), out, "bench")
+    trainer.compact_rows = compact       # sparse_adam: row-compact leaves, or sparse grads
     trainer.train_epoch()                              # warm-up (allocations, threads)
     trainer.data = _head(data, limit) if limit else data
     t0 = time.perf_counter()
@@ -115,6 +118,10 @@ def main() -> None:
                          "(default: --optimizer:--batch-size)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the MF settings this often")
     ap.add_argument("--skip", nargs="*", default=[], choices=["mf", "neumf", "eval"])
+    ap.add_argument("--sparse-paths", action="store_true",
+                    help="with --optimizer sparse_adam: time NeuMF's embedding updates both "
+                         "ways, row-compact leaves (stage 60's path) and sparse COO "
+                         "gradients (the old one), --rounds times, side by side")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)      # as stage 60 does (subnormals slow CPU math)
@@ -148,11 +155,16 @@ def main() -> None:
         cfg = TrainConfig(model="neumf", task="implicit", dim=16, layers=[64, 32, 16, 8],
                           optimizer=args.optimizer, batch_size=args.batch_size, lr=1e-3,
                           n_negatives=4, device=args.device)
-        secs, n, loss, _ = time_epoch(data, cfg, out, args.neumf_positives)
-        print(f"[neumf implicit, 4 negatives, {args.optimizer}, batch {args.batch_size}] one "
-              f"epoch {n:,} samples in {secs:.2f}s = {n / secs / 1e6:.2f}M samples/s "
-              f"(target >= 1M/s), loss {loss:.4f}; timed over "
-              f"{args.neumf_positives or len(data.train):,} positives of {len(data.train):,}")
+        paths = ([("row-compact", True), ("sparse gradients", False)] * args.rounds
+                 if args.sparse_paths and args.optimizer == "sparse_adam" else [("", True)])
+        for label, compact in paths:
+            secs, n, loss, _ = time_epoch(data, cfg, out, args.neumf_positives, compact)
+            print(f"[neumf implicit, 4 negatives, {args.optimizer}"
+                  f"{' ' + label if label else ''}, batch {args.batch_size}] one "
+                  f"epoch {n:,} samples in {secs:.2f}s = {n / secs / 1e6:.2f}M samples/s "
+                  f"(target >= 1M/s), loss {loss:.4f}; timed over "
+                  f"{args.neumf_positives or len(data.train):,} positives of "
+                  f"{len(data.train):,}", flush=True)
         model = Trainer(cfg.resolved(), data, out, "bench").model.eval()
     else:
         data = synthetic(min(args.ratings, 1_000_000), args.users, args.items, 0, dev, "implicit")
