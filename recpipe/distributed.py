@@ -57,14 +57,6 @@ def launched() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
-def env_rank() -> int:
-    """This process's rank from the launcher's environment (0 without one)."""
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
-
-
 def derived_seed(seed: int, epoch: int, rank: int) -> int:
     """A per-(seed, epoch, rank) seed for the draws that differ between ranks."""
     return (int(seed) * 1_000_003 + int(epoch) * 7_919 + int(rank) * 104_729 + 12_345) % 2**63
@@ -89,6 +81,11 @@ class Dist:
         self.stats.clear()
         self.steps = 0
         self.checks = []
+
+    @property
+    def multi(self) -> bool:
+        """More than one rank in a joined group: the collectives run."""
+        return self.enabled and self.world > 1
 
     @property
     def leader(self) -> bool:
@@ -116,33 +113,36 @@ class Dist:
     # -- plain collectives ---------------------------------------------------------------
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, in place (returns ``t``)."""
-        if self.enabled and self.world > 1:
+        if self.multi:
             tdist.all_reduce(t)
         return t
 
     def broadcast_flag(self, flag: bool) -> bool:
         """Rank 0's value of ``flag`` on every rank (decisions that depend on the clock)."""
-        if not (self.enabled and self.world > 1):
+        if not self.multi:
             return bool(flag)
         t = torch.tensor([1 if flag else 0], device=self.device)
         tdist.broadcast(t, 0)
         return bool(t.item())
 
     def barrier(self) -> None:
-        if self.enabled and self.world > 1:
+        if self.multi:
             if self.backend == "nccl":
                 tdist.barrier(device_ids=[self.local_rank])
             else:
                 tdist.barrier()
 
-    def shard(self, n: int) -> slice | torch.Tensor:
+    def shard(self, n: int) -> slice:
         """The positions 0..n-1 this rank evaluates: every world-th one, from its rank."""
         return slice(self.rank, n, self.world) if self.world > 1 else slice(0, n)
 
-    def combine(self, local: torch.Tensor, n: int, sl: slice) -> torch.Tensor:
-        """The [n, ...] tensor whose rows ``sl`` (this rank's shard) are ``local`` and whose
-        other rows come from the other ranks: zeros elsewhere, summed (x + 0 is exact)."""
-        if not (self.enabled and self.world > 1):
+    def sharded(self, n: int, score) -> torch.Tensor:
+        """``score(sl)`` ([len(sl), ...] values of positions ``sl``) computed for this rank's
+        shard, combined into the [n, ...] tensor of every position: the other ranks' rows
+        are zeros here and the sum over ranks fills them (x + 0 is exact)."""
+        sl = self.shard(n)
+        local = score(sl)
+        if not self.multi:
             return local
         full = torch.zeros((n, *local.shape[1:]), dtype=local.dtype, device=local.device)
         full[sl] = local
@@ -161,9 +161,10 @@ class Dist:
         s["dense_steps"] += 1.0 if dense else 0.0
 
     def _gather_rows(self, names: Sequence[str], parts: Sequence[tuple[torch.Tensor,
-                                                                   torch.Tensor]],
+                                                                   torch.Tensor, Any]],
                      sizes: Sequence[int]) -> list[tuple[torch.Tensor | None, torch.Tensor]]:
-        """For each table k: (rows, values) of this rank -> (distinct rows, summed values)
+        """For each table k: (rows, values, the whole dense gradient or None) of this rank ->
+        (distinct rows, summed values)
         over every rank, or (None, dense [sizes[k], ...] sum) when the gather would move
         more bytes than an all-reduce of the whole table (decided from the row counts every
         rank sees, so all ranks take the same path). Four collectives per step whatever the
@@ -172,13 +173,13 @@ class Dist:
         if not parts:
             return []
         dev = parts[0][1].device
-        counts = torch.tensor([int(r.numel()) for r, _ in parts], dtype=torch.int64,
+        counts = torch.tensor([int(r.numel()) for r, _, _ in parts], dtype=torch.int64,
                               device=dev)
         every = [torch.empty_like(counts) for _ in range(self.world)]
         tdist.all_gather(every, counts)
         every_c = torch.stack(every).cpu()          # [world, tables]
         plan = []                                   # per table: (m, width, dense?)
-        for k, ((rows, vals), n) in enumerate(zip(parts, sizes)):
+        for k, ((rows, vals, _), n) in enumerate(zip(parts, sizes)):
             width = tuple(vals.shape[1:])
             row_bytes = int(torch.Size(width).numel()) * vals.element_size()
             m = int(every_c[:, k].max())
@@ -194,10 +195,11 @@ class Dist:
         if dense_k:
             fulls = []
             for k in dense_k:
-                rows, vals = parts[k]
-                full = torch.zeros((sizes[k], *plan[k][1]), dtype=vals.dtype,
-                                   device=vals.device)
-                fulls.append(full.index_add_(0, rows, vals))
+                rows, vals, whole = parts[k]
+                if whole is None:                   # rows only: spread into the table
+                    whole = torch.zeros((sizes[k], *plan[k][1]), dtype=vals.dtype,
+                                        device=vals.device).index_add_(0, rows, vals)
+                fulls.append(whole)
             flat = torch.cat([f.reshape(-1) for f in fulls])
             tdist.all_reduce(flat)
             off = 0
@@ -209,7 +211,7 @@ class Dist:
             dtype = parts[gather_k[0]][1].dtype
             pad_r, pad_v = [], []
             for k in gather_k:
-                rows, vals = parts[k]
+                rows, vals, _ = parts[k]
                 m, width, _ = plan[k]
                 r = torch.zeros(m, dtype=torch.int64, device=dev)
                 v = torch.zeros((m, *width), dtype=dtype, device=dev)
@@ -242,7 +244,7 @@ class Dist:
         of the global batch (each rank's weighted by its ``share`` of the batch, summed).
         Embedding tables by (rows, gradients) gather or dense all-reduce (module docstring),
         the other weights by one flat all-reduce."""
-        if not (self.enabled and self.world > 1):
+        if not self.multi:
             return
         tables = {id(m.weight): name for name, m in _named_tables(model)}
         # the weights without a gradient this step are the same on every rank (the same
@@ -263,9 +265,8 @@ class Dist:
             p = m.weight
             if not p.requires_grad or p.grad is None:    # unused this step, on every rank
                 continue
-            rows, vals = _rows_of(p.grad, p, share)
             names.append(name)
-            parts.append((rows, vals))
+            parts.append(_rows_of(p.grad, p, share))
             sizes.append(p.shape[0])
             params.append(p)
         for p, (rows, vals), sparse in zip(params, self._gather_rows(names, parts, sizes),
@@ -292,7 +293,7 @@ class Dist:
         per table, ``optim.RowSparseAdam.step_rows``) combined over ranks: the distinct
         rows of the global batch and their summed gradients. Tables listed with the same
         ``rows`` tensor (a side's factors and bias) travel as one [rows, d + 1] block."""
-        if not (self.enabled and self.world > 1):
+        if not self.multi:
             return updates
         groups: dict[int, list[int]] = {}
         for k, (_, rows, _) in enumerate(updates):
@@ -303,7 +304,7 @@ class Dist:
             vals = torch.cat([updates[k][2].reshape(rows.numel(), -1) for k in ks], 1)
             gnames.append(" + ".join(names.get(id(updates[k][0]), "?") for k in ks))
             parts.append((rows if share > 0 else rows[:0],
-                          vals.mul(share) if share > 0 else vals[:0]))
+                          vals.mul(share) if share > 0 else vals[:0], None))
             sizes.append(p0.shape[0])
             members.append(ks)
         out: list[Any] = [None] * len(updates)
@@ -328,7 +329,7 @@ class Dist:
         parameter and buffer); records them (metrics.json ``checksums``), and when they
         differ (CUDA's nondeterministic index_add_) logs it and broadcasts rank 0's
         tensors. Returns the largest difference from rank 0's checksum."""
-        if not (self.enabled and self.world > 1):
+        if not self.multi:
             return 0.0
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
         for t in model.state_dict().values():
@@ -366,19 +367,20 @@ def table_names(model: torch.nn.Module) -> dict[int, str]:
 
 
 def _rows_of(grad: torch.Tensor | None, p: torch.Tensor, share: float
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, values * share) of a table's gradient: a sparse one's coalesced entries, a
-    dense one's nonzero rows (a row a batch touched with an exactly zero gradient is the same
-    as untouched for a dense optimizer). ``share == 0`` (a rank without samples this step):
-    no rows."""
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(rows, values * share, the whole weighted gradient when it is dense) of a table's
+    gradient: a sparse one's coalesced entries, a dense one's nonzero rows (a row a batch
+    touched with an exactly zero gradient is the same as untouched for a dense optimizer).
+    ``share == 0`` (a rank without samples this step): no rows."""
     if grad is None or share == 0:
         return (torch.zeros(0, dtype=torch.int64, device=p.device),
-                p.new_zeros((0, *p.shape[1:])))
+                p.new_zeros((0, *p.shape[1:])), None)
     if grad.is_sparse:
         g = grad.coalesce()
-        return g.indices()[0], g.values() * share
+        return g.indices()[0], g.values() * share, None
+    grad.mul_(share)                  # the rank's own gradient tensor: weighted in place
     rows = (grad != 0).any(1).nonzero().squeeze(1)
-    return rows, grad.index_select(0, rows) * share
+    return rows, grad.index_select(0, rows), grad
 
 
 _CURRENT = Dist()

@@ -106,10 +106,9 @@ def _candidates(model: nn.Module, data: Data, part: str, intervals: bool = False
     if part not in data.candidates:
         return {}
     cu, ci = data.candidates[part]
-    dist = current()
-    sl = dist.shard(len(cu))                   # under torchrun: every world-th user, gathered
-    scores = dist.combine(score_candidates(model, cu[sl], ci[sl], data.train_csr).float(),
-                          len(cu), sl)
+    # under torchrun: every world-th user on each rank, combined
+    scores = current().sharded(len(cu), lambda sl: score_candidates(
+        model, cu[sl], ci[sl], data.train_csr).float())
     return sampled_rank_metrics(scores, ci, intervals=intervals)
 
 
@@ -119,10 +118,9 @@ def _rating_metrics(model: nn.Module, data: Data, part: str, eval_batch: int, fu
     p = getattr(data, part)
     out = {}
     if len(p):
-        dist = current()
-        sl = dist.shard(len(p))                # under torchrun: every world-th pair, gathered
-        pred = dist.combine(predict_pairs(model, p.users[sl], p.items[sl],
-                                          data.train_csr).float(), len(p), sl)
+        # under torchrun: every world-th pair on each rank, combined
+        pred = current().sharded(len(p), lambda sl: predict_pairs(
+            model, p.users[sl], p.items[sl], data.train_csr).float())
         out = rmse_mae(pred, p.ratings, data.rating_scale)
         if full:
             out.update(rating_intervals(pred, p.ratings, p.users, data.rating_scale))

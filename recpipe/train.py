@@ -310,8 +310,8 @@ class Trainer:
             total.backward()
             dist.reduce_grads(model, share)            # the towers (and sparse/dense tables)
             self.opt.step()
-            if compact is not None:                    # the tables' rows: RowSparseAdam
-                self.opt.step_rows(dist.reduce_rows(self._compact_updates(compact), share,
+            if compact:                                # the tables' rows: RowSparseAdam
+                self.opt.step_rows(dist.reduce_rows(self._compact_updates(), share,
                                                     self._tables))
             if share > 0:
                 loss_sum += loss.detach() * uu.shape[0]
@@ -319,37 +319,29 @@ class Trainer:
         bar.close()
         return self._epoch_loss(loss_sum, samples)
 
-    def _compact(self, on: bool) -> dict[int, tuple[torch.Tensor, list]] | None:
-        """Turn on row-compact lookups for the next forward (``family.look``): returns
-        {id(table weight): (weight, the list its lookups append (rows, leaf) to)}."""
-        if not on:
-            return None
-        out = {}
-        for m in self.model.row_sparse_tables():
-            m.compact = []
-            out[id(m.weight)] = (m.weight, m.compact)
-        return out
+    def _compact(self, on: bool) -> bool:
+        """Turn on row-compact lookups for the next forward (``family.look`` appends
+        (rows, leaf) of each lookup to the table's ``compact`` list)."""
+        if on:
+            for m in self.model.row_sparse_tables():
+                m.compact = []
+        return on
 
-    def _compact_updates(self, compact: dict) -> list[tuple[torch.Tensor, torch.Tensor,
-                                                             torch.Tensor]]:
+    def _compact_updates(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The (weight, distinct rows, their summed gradient) of each table the forward
         looked up, for ``RowSparseAdam.step_rows``; the lookups are switched off again."""
         updates = []
         for m in self.model.row_sparse_tables():
+            looked = [(r, leaf.grad) for r, leaf in m.compact if leaf.grad is not None]
             m.compact = None
-        for w, looked in compact.values():
-            looked = [(r, leaf) for r, leaf in looked if leaf.grad is not None]
-            if not looked:
-                continue
             if len(looked) == 1:
-                rows, grad = looked[0][0], looked[0][1].grad
-            else:                              # several lookups of one table: sum by row
+                updates.append((m.weight, *looked[0]))
+            elif looked:                        # several lookups of one table: sum by row
                 rows, inv = torch.unique(torch.cat([r for r, _ in looked]),
                                          return_inverse=True)
-                grad = torch.zeros((rows.numel(), *w.shape[1:]), dtype=w.dtype,
-                                   device=w.device).index_add_(
-                    0, inv, torch.cat([leaf.grad for _, leaf in looked]))
-            updates.append((w, rows, grad))
+                grad = m.weight.new_zeros((rows.numel(), *m.weight.shape[1:])).index_add_(
+                    0, inv, torch.cat([g for _, g in looked]))
+                updates.append((m.weight, rows, grad))
         return updates
 
     def _my_chunk(self, idx: torch.Tensor) -> tuple[torch.Tensor, float]:

@@ -136,3 +136,29 @@ def write_synthetic_ncf_train(prefix: Path, ncf_prefix: Path, per_user: int = 4,
     with open(f"{prefix}.train.rating", "w") as f:
         df.assign(rating=df["rating"].astype(int)).to_csv(f, sep="\t", header=False, index=False)
     return df
+
+
+def top10_unseen(scores, row, items: pd.DataFrame) -> list:
+    """Raw ids of the 10 best ``scores`` (a float tensor over items) among the items the
+    user's train ``row`` (a dense array) does not hold, best first."""
+    import torch
+    s = scores.clone()
+    s[torch.from_numpy(np.asarray(row) > 0)] = -torch.inf
+    return items.raw_item_id.to_numpy()[torch.topk(s, 10).indices.numpy()].tolist()
+
+
+def new_user_recommendations(data_dir: Path, model: str, tmp_path: Path, n_given: int,
+                             ratings: Sequence[float] | None = None,
+                             args: Sequence[str] = ()) -> tuple[list, pd.DataFrame]:
+    """A new user who rated the ``n_given`` most rated items (``ratings``, default all 5),
+    recommended for by ``70_recommend.py --ratings``: (the given raw ids, its top 10), which
+    must be 10 rows, none of them a given item."""
+    from recpipe import recommend
+    items = pd.read_parquet(Path(data_dir) / "20_make_ids" / "items.parquet")
+    given = items.sort_values("n_ratings", ascending=False).raw_item_id.iloc[:n_given].tolist()
+    f = Path(tmp_path) / "new.csv"
+    f.write_text("".join(f"{i},{r:g}\n" for i, r in zip(given, ratings or [5] * n_given)))
+    new = recommend.main(["--data-dir", str(data_dir), "--model", model, "--ratings", str(f),
+                          *args])
+    assert len(new) == 10 and not set(new.raw_item_id) & set(given)
+    return given, new

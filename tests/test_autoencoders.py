@@ -19,7 +19,7 @@ from recpipe.cli import parse_config
 from recpipe.dataset import load_data
 from recpipe.metrics import sampled_rank_metrics
 from recpipe.train import TrainConfig, run
-from stage_fixtures import write_ml100k_stage10
+from stage_fixtures import new_user_recommendations, top10_unseen, write_ml100k_stage10
 
 pytestmark = pytest.mark.shared
 
@@ -106,16 +106,11 @@ def test_autorec_beats_the_global_mean(rand, autorec):
 
 def test_stage70_autorec_user_and_new_user(rand, autorec, tmp_path, capsys):
     users = pd.read_parquet(rand / "20_make_ids" / "users.parquet")
-    items = pd.read_parquet(rand / "20_make_ids" / "items.parquet")
     df = recommend.main(["--data-dir", str(rand), "--model", "autorec", "--user",
                          str(users.raw_user_id.iloc[0])])
     assert len(df) == 10
-    given = items.sort_values("n_ratings", ascending=False).raw_item_id.iloc[:10].tolist()
-    f = tmp_path / "new.csv"
-    f.write_text("".join(f"{i},{5 if k % 2 else 1}\n" for k, i in enumerate(given)))
-    new = recommend.main(["--data-dir", str(rand), "--model", "autorec", "--ratings", str(f),
-                          "--foldin-steps", "50"])
-    assert len(new) == 10 and not set(new.raw_item_id) & set(given)
+    new_user_recommendations(rand, "autorec", tmp_path, 10,
+                             [5 if k % 2 else 1 for k in range(10)], ["--foldin-steps", "50"])
     assert "item-based" in capsys.readouterr().out
 
 
@@ -147,13 +142,7 @@ def test_multvae_stage70_user_and_fold_in(loo, multvae, tmp_path, capsys):
     row = torch.from_numpy(train[0].toarray().astype(np.float32))
     with torch.no_grad():
         s = model.score_all(torch.tensor([0]), row)[0]
-    s[row[0] > 0] = -torch.inf
-    want = items.raw_item_id.to_numpy()[torch.topk(s, 10).indices.numpy()]
-    assert df.raw_item_id.tolist() == want.tolist()
+    assert df.raw_item_id.tolist() == top10_unseen(s, row[0].numpy(), items)
     # a new user: encoded from their given items, none recommended back
-    given = items.sort_values("n_ratings", ascending=False).raw_item_id.iloc[:20].tolist()
-    f = tmp_path / "new.csv"
-    f.write_text("".join(f"{i},5\n" for i in given))
-    new = recommend.main(["--data-dir", str(loo), "--model", "multvae", "--ratings", str(f)])
-    assert len(new) == 10 and not set(new.raw_item_id) & set(given)
+    new_user_recommendations(loo, "multvae", tmp_path, 20)
     assert "Mult-VAE needs no fold-in" in capsys.readouterr().out

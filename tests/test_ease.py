@@ -16,7 +16,7 @@ from recpipe import ease, ids, matrix, recommend, split
 from recpipe.cli import PipelineError, parse_config
 from recpipe.ease import EASE
 from recpipe.train import TrainConfig, run
-from stage_fixtures import write_ml100k_stage10
+from stage_fixtures import new_user_recommendations, top10_unseen, write_ml100k_stage10
 
 
 def _reference_b(x: np.ndarray, lam: float) -> np.ndarray:
@@ -135,15 +135,9 @@ def test_stage70_recommends_from_the_users_row(loo, trained, tmp_path):
     b = torch.load(loo / "60_train" / "ease" / "model.pt", weights_only=True)["state_dict"]["B"]
     row = train[u].toarray()[0]
     s = torch.from_numpy(row.astype(np.float32)) @ b
-    s[torch.from_numpy(row > 0)] = -torch.inf
-    want = items.raw_item_id.to_numpy()[torch.topk(s, 10).indices.numpy()]
-    assert df.raw_item_id.tolist() == want.tolist()
+    assert df.raw_item_id.tolist() == top10_unseen(s, row, items)
     # a new user: scored from the given items, nothing folded in, none recommended back
-    given = items.sort_values("n_ratings", ascending=False).raw_item_id.iloc[:20].tolist()
-    f = tmp_path / "new.csv"
-    f.write_text("".join(f"{i},5\n" for i in given))
-    new = recommend.main(["--data-dir", str(loo), "--model", "ease", "--ratings", str(f)])
-    assert len(new) == 10 and not set(new.raw_item_id) & set(given)
+    given, _ = new_user_recommendations(loo, "ease", tmp_path, 20)
     sim = recommend.main(["--data-dir", str(loo), "--model", "ease", "--similar-to",
                           str(given[0])])
     assert len(sim) == 10 and given[0] not in set(sim.raw_item_id)
