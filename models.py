@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from recpipe import kernels
 from recpipe.family import REGISTRY, Family, family, look, register
 from recpipe.objectives import ExplicitMSE, Objective
 
@@ -73,6 +74,7 @@ class BiasedMF(_Base):
     default_task = "explicit"
     options = {"dim": "factors per side", "init_std": "std of the factor initialisation"}
     analytic_tasks = ("explicit",)
+    fused_tasks = ("explicit",)
 
     @classmethod
     def from_config(cls, hp, task, global_mean, scale, sparse):
@@ -211,6 +213,27 @@ class BiasedMF(_Base):
         if rows:
             return self.mse_backward_rows(users, items, ratings, reg, scratch)
         return self.mse_backward(users, items, ratings, reg, scratch), None
+
+    @torch.no_grad()
+    def fused_epoch(self, users, items, ratings, perm, accumulators, lr, reg, threads,
+                    scratch):
+        """One epoch of ``--optimizer rowsgd`` (recpipe/kernels.py): per rating, an SGD step
+        on the objective above (the same per-sample L2 on the four rows), each row with its
+        AdaGrad step size. CPU only: the tables are packed for the kernel and written back."""
+        sides = ((self.user_factors.weight, self.user_bias.weight),
+                 (self.item_factors.weight, self.item_bias.weight))
+        arrays = [(w.detach().numpy(), b.detach().numpy(), accumulators(w).numpy(),
+                   accumulators(b).numpy())
+                  for w, b in sides]
+        U, V = (kernels.pack(*a) for a in arrays)
+        if scratch.get("ratings") is not ratings:     # once per train part: the block keys
+            z = ((ratings - self.global_mean) / self.scale).to(torch.float32).numpy()
+            scratch.update(ratings=ratings,
+                           kernel=kernels.Ratings(users.numpy(), items.numpy(), z))
+        sq = scratch["kernel"].epoch(perm.numpy(), U, V, lr, reg, threads)
+        for packed, a in zip((U, V), arrays):
+            kernels.unpack(packed, *a)
+        return sq
 
     def fold_in(self, objective: Objective, reg: float, users: np.ndarray, items: np.ndarray,
                 ratings: np.ndarray, n_users: int, steps: int = 300, lr: float = 0.05,

@@ -34,6 +34,7 @@ from recpipe.cli import keep_freed_memory  # noqa: E402
 from recpipe.dataset import Data, Part  # noqa: E402
 from recpipe.metrics import sampled_rank_metrics  # noqa: E402
 from recpipe.scoring import score_candidates  # noqa: E402
+from recpipe.presets import PRESETS, preset  # noqa: E402
 from recpipe.train import Trainer, TrainConfig, for_data  # noqa: E402
 
 
@@ -116,6 +117,8 @@ def main() -> None:
                     help="MF settings timed one after the other in this process, e.g. "
                          "adam:65536 sparse_adam:65536 adam:2048 sparse_adam:2048 "
                          "(default: --optimizer:--batch-size)")
+    ap.add_argument("--mf-dim", type=int, default=preset("mf", "explicit")["dim"],
+                    help="MF factors (default: the mf explicit preset's)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the MF settings this often")
     ap.add_argument("--skip", nargs="*", default=[], choices=["mf", "neumf", "eval"])
     ap.add_argument("--sparse-paths", action="store_true",
@@ -140,12 +143,15 @@ def main() -> None:
         for rnd in range(args.rounds):            # rounds interleave the settings (noise)
             for spec in runs:
                 opt_name, bs = spec.split(":")
-                cfg = TrainConfig(model="mf", task="explicit", dim=64, optimizer=opt_name,
-                                  batch_size=int(bs), lr=1e-2, device=args.device)
+                lr = 1e-2 if opt_name != "rowsgd" else PRESETS[("mf", "explicit")].get(
+                    "rowsgd_lr", 0.1)
+                cfg = TrainConfig(model="mf", task="explicit", dim=args.mf_dim,
+                                  optimizer=opt_name, batch_size=int(bs), lr=lr,
+                                  device=args.device)
                 secs, n, loss, chosen = time_epoch(data, cfg, out)
                 if chosen != opt_name:
                     opt_name = f"{opt_name} = {chosen}"
-                print(f"[mf explicit k=64, {opt_name}, batch {int(bs)}] one epoch {n:,} "
+                print(f"[mf explicit k={args.mf_dim}, {opt_name}, batch {int(bs)}] one epoch {n:,} "
                       f"ratings in {secs:.2f}s = {n / secs / 1e6:.2f}M ratings/s "
                       f"(target >= 3M/s), loss {loss:.4f}")
         del data

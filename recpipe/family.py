@@ -20,7 +20,9 @@
 - ``fold_in``: how new users join without retraining (default: a few hundred Adam steps on
   fresh user rows with the rest frozen, on the training objective);
 - optionally ``analytic_tasks`` and ``analytic_grad``: a hand-written gradient of the same
-  objective, which the trainer uses instead of autograd when it pays off.
+  objective, which the trainer uses instead of autograd when it pays off;
+- optionally ``fused_tasks`` and ``fused_epoch``: a whole epoch of per-sample SGD on the same
+  objective in a compiled CPU kernel (``--optimizer rowsgd``, ``kernels.py``: explicit MF).
 
 Rows without training data (every family, in this base class): the trainer calls
 ``learn_fallback`` once on the data it fits, which records which user and item rows received
@@ -121,6 +123,7 @@ class Family(nn.Module):
     batches: ClassVar[str] = "pairs"
     has_item_vectors: ClassVar[bool] = True
     analytic_tasks: ClassVar[tuple[str, ...]] = ()
+    fused_tasks: ClassVar[tuple[str, ...]] = ()         # tasks fused_epoch (rowsgd) trains
     pretrain_from: ClassVar[tuple[str, ...]] = ()      # families whose models init this one
     score_label: ClassVar[str | None] = None   # what stage 70's score means (None: the objective's)
 
@@ -212,6 +215,15 @@ class Family(nn.Module):
     def analytic_grad(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
                       reg: float, scratch: dict, rows: bool):
         """Optional: the objective's loss and gradient without autograd (see BiasedMF)."""
+        raise NotImplementedError
+
+    def fused_epoch(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
+                    perm: torch.Tensor, accumulators, lr: float, reg: float, threads: int,
+                    scratch: dict) -> float:
+        """Optional (``fused_tasks``): one epoch of per-sample SGD over the train ratings in
+        ``perm`` order, in place; ``accumulators(param)`` gives the optimiser's per-row
+        state, ``scratch`` is kept by the trainer between epochs. Returns the sum of the
+        squared errors seen before each update."""
         raise NotImplementedError
 
     def init_from(self, parts: dict[str, nn.Module], alpha: float) -> None:

@@ -54,6 +54,26 @@ class RowSparseAdam(torch.optim.SparseAdam):
             p.index_add_(0, rows, m.div_(v.sqrt_().add_(group["eps"]).mul_(-1.0 / step_size)))
 
 
+class RowAdaGrad(torch.optim.Optimizer):
+    """The state of ``--optimizer rowsgd`` (per-sample SGD with a per-row AdaGrad step size,
+    ``kernels.py``): one accumulator per row of each table, starting at 1. The steps are the
+    family's fused epoch (``Family.fused_epoch``), not ``step``; being a torch optimiser, its
+    state and learning rate go through ``state_dict`` and ``set_factor`` like the others."""
+
+    def __init__(self, params, lr: float):
+        super().__init__(params, {"lr": lr})
+
+    def accumulators(self, p: torch.Tensor) -> torch.Tensor:
+        state = self.state[p]
+        if "sum" not in state:
+            state["sum"] = torch.ones(p.shape[0], dtype=p.dtype, device=p.device)
+        return state["sum"]
+
+    def step(self, closure=None):
+        raise RuntimeError("rowsgd steps a whole epoch at a time (Family.fused_epoch); "
+                           "it has no per-batch step")
+
+
 class Optimizers:
     """One or two torch optimisers behind one interface: the family's row-sparse tables
     (``Family.row_sparse_tables``) and its dense weights (towers, output layers)."""
@@ -74,13 +94,18 @@ class Optimizers:
             self.opts.append(RowSparseAdam(emb_params, lr=lr))
             if dense:
                 self.opts.append(torch.optim.Adam(dense, lr=lr))
+        elif name == "rowsgd":
+            if dense:
+                raise ValueError("rowsgd trains embedding tables only; this model has "
+                                 "dense weights (towers): use sparse_adam or adam")
+            self.opts.append(RowAdaGrad(emb_params, lr=lr))
         elif name == "adagrad":
             self.opts.append(torch.optim.Adagrad(emb_params, lr=lr))
             if dense:
                 self.opts.append(torch.optim.Adam(dense, lr=lr * 0.1))
         else:
-            raise ValueError(f"unknown optimizer {name!r}; expected adam, sgd, sparse_adam "
-                             f"or adagrad")
+            raise ValueError(f"unknown optimizer {name!r}; expected adam, sgd, sparse_adam, "
+                             f"rowsgd or adagrad")
         self.base_lrs = [[g["lr"] for g in o.param_groups] for o in self.opts]
 
     def zero_grad(self) -> None:
@@ -95,6 +120,15 @@ class Optimizers:
                   ) -> None:
         """A sparse_adam step from row-compact embedding gradients (RowSparseAdam)."""
         self.opts[0].step_rows(updates)
+
+    def accumulators(self, p: torch.Tensor) -> torch.Tensor:
+        """rowsgd's per-row state of table weight ``p`` (RowAdaGrad)."""
+        return self.opts[0].accumulators(p)
+
+    @property
+    def lr(self) -> float:
+        """The current learning rate of the first optimiser (rowsgd's epoch reads it)."""
+        return float(self.opts[0].param_groups[0]["lr"])
 
     def set_factor(self, factor: float) -> None:
         for o, lrs in zip(self.opts, self.base_lrs):

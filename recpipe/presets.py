@@ -57,6 +57,14 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 
+# --optimizer rowsgd (recpipe/kernels.py; what auto picks for mf explicit on the CPU): the
+# values that differ from the row above. Its step is lr / sqrt(G) per row (AdaGrad), not
+# Adam's, so its learning rate is its own (docs/presets.md: chosen on validation)
+ROWSGD: dict[tuple[str, str], dict[str, Any]] = {
+    ("mf", "explicit"): {"lr": 0.1},
+}
+
+
 def preset(model: str, task: str) -> dict[str, Any]:
     """The full set of defaults for ``model`` trained on ``task``."""
     if (model, task) not in PRESETS:

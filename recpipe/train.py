@@ -53,12 +53,14 @@ from .family import Family, family
 from .objectives import RowL2, for_task
 from .optim import Optimizers
 from .train_config import (AUTO_ROWS_PER_SAMPLE, TrainConfig, decide_task,  # noqa: F401
-                           for_data, model_args)
+                           for_data, model_args, rowsgd_eligible)
 from .report import plot_curve, write_history
 
 __all__ = ["TrainConfig", "Trainer", "run", "main", "load_model", "decide_task", "for_data"]
 
 log = logging.getLogger("recpipe")
+
+
 PROG = "60_train.py"
 STAGE = "60_train"
 DESCRIPTION = ("Train a recommendation model on stage 40's sparse matrices. Options left "
@@ -98,6 +100,8 @@ class Trainer:
         self.model.learn_fallback(data.train, self.objective.needs_ratings,
                                   self.objective.samples_per_positive > 1)
         self.by_epochs = self.cls.fit_by == "epochs"
+        if cfg.optimizer == "rowsgd":
+            self._check_rowsgd()
         self.opt = Optimizers(self.model, cfg.optimizer, cfg.lr, cfg.momentum) \
             if self.by_epochs else None
         self.l2 = RowL2(self.model.row_sparse_tables())
@@ -123,11 +127,17 @@ class Trainer:
         self.use_amp = cfg.amp and self.dev.type == "cuda"
         self.epoch_factor = 1.0
         self._keyset: KeySet | None = None     # train-key membership for negatives
+        self._fused_scratch: dict = {}           # rowsgd: the kernel's view of the ratings
         self._tables = table_names(self.model)
         # draws that differ between ranks (negatives): seeded per (seed, epoch, rank)
         self.rank_gen = torch.Generator(device=self.dev)
         self.manual_grads = True   # the family's analytic gradient when it has one (tests)
         self.compact_rows = True   # sparse_adam via row-compact leaves, not sparse grads (tests)
+
+    def _check_rowsgd(self) -> None:
+        why = rowsgd_eligible(self.cfg.model, self.cfg.task, self.dev, not self.dist.multi)
+        if why:
+            raise PipelineError(f"--optimizer rowsgd: {why}")
 
     def _load_pretrained(self) -> None:
         # the selection run starts from parts trained on train only (selected.pt, when they
@@ -268,6 +278,11 @@ class Trainer:
         # time to draw; each batch's slice is widened (index_select is slow on int32)
         perm = torch.randperm(n, device=self.dev, generator=self.gen,
                               dtype=torch.int32 if n < 2**31 else torch.int64)
+        if cfg.optimizer == "rowsgd":          # one fused kernel call per epoch (kernels.py)
+            sq = model.fused_epoch(tr.users, tr.items, tr.ratings, perm, self.opt.accumulators,
+                                   self.opt.lr, cfg.reg, torch.get_num_threads(),
+                                   self._fused_scratch)
+            return sq / max(1, n), n
         loss_sum = torch.zeros((), device=self.dev)
         samples = 0
         bar = tqdm(range(0, n, pos_per_batch), desc=f"epoch {self.epoch + 1}", unit="batch",
@@ -492,7 +507,8 @@ class Trainer:
                      self.epoch, loss, self.metric, v, mark, secs, row["samples_per_s"])
             self.save_checkpoint()
             self._write_history()
-        if not refit:
+        self._fused_scratch.clear()             # rowsgd's copy of the ratings (a refit
+        if not refit:                           # builds its own from train + valid)
             self._warn_if_constant()
         return spent
 
@@ -612,7 +628,7 @@ def run(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     rated = int((up40.get("nnz") or {}).get("train", 1)) > 0
     cls = family(cfg.model)
     task = decide_task(cfg.task, cls, up40.get("task"), rated)
-    cfg = dataclasses.replace(cfg, task=task).resolved()
+    cfg = dataclasses.replace(cfg, task=task).resolved(device=dev, one_process=not dist.multi)
     print_config(cfg, PROG)
     data = load_data(cfg.data_dir, cfg.task, dev)
     final_dir = stage_dir(cfg.data_dir, STAGE) / cfg.model

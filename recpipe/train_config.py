@@ -15,7 +15,7 @@ from .cli import PipelineError, opt
 from .dataset import Data
 from .family import REGISTRY, Family, family
 from .objectives import OBJECTIVES, for_task
-from .presets import DEFAULT_MODEL, preset
+from .presets import DEFAULT_MODEL, ROWSGD, preset
 
 log = logging.getLogger("recpipe")
 
@@ -57,10 +57,14 @@ class TrainConfig:
     optimizer: Optional[str] = opt(None, "adam; sgd (with --momentum; --batch-size 0 makes it "
                                    "full-batch gradient descent); sparse_adam (Adam on the "
                                    "embedding rows each batch uses, for large tables); "
-                                   "adagrad (sparse embedding gradients); auto (sparse_adam "
-                                   f"when the user + item tables have more than "
+                                   "rowsgd (per-sample SGD with per-row AdaGrad steps in a "
+                                   "compiled CPU kernel: mf explicit; --batch-size does not "
+                                   "apply); adagrad (sparse embedding gradients); auto "
+                                   "(rowsgd where it applies on the CPU in one process, else "
+                                   f"sparse_adam when the user + item tables have more than "
                                    f"{AUTO_ROWS_PER_SAMPLE} rows per batch sample, else adam)" + PRESET,
-                                   choices=["adam", "sgd", "sparse_adam", "adagrad", "auto"])
+                                   choices=["adam", "sgd", "sparse_adam", "rowsgd", "adagrad",
+                                            "auto"])
     lr: Optional[float] = opt(None, "learning rate" + PRESET)
     momentum: Optional[float] = opt(None, "sgd momentum" + PRESET)
     batch_size: Optional[int] = opt(None, "training samples per step (implicit: positives + "
@@ -144,17 +148,51 @@ class TrainConfig:
             raise PipelineError(f"--pretrained applies to --model {' / '.join(users)} only, "
                                 f"got {self.model}")
 
-    def resolved(self, split_task: str | None = None) -> "TrainConfig":
+    def resolved(self, split_task: str | None = None, device: Any = None,
+                 one_process: bool = True) -> "TrainConfig":
         """A copy with the task decided (``decide_task``) and every unset option filled from
-        the preset."""
+        the preset.
+
+        With ``device`` given (stage 60 passes the one it trains on), ``--optimizer auto``
+        is decided here when it means rowsgd (``rowsgd_eligible``): rowsgd's own preset
+        values (``presets.ROWSGD``: its learning rate) then fill the options the user did
+        not give. Otherwise auto is decided from the data by ``for_data``."""
         cfg = dataclasses.replace(self)
         cfg.task = decide_task(cfg.task, family(cfg.model), split_task)
         if cfg.batch_scale is None:
             cfg.batch_scale = cfg.batch_size is None
-        for k, v in preset(cfg.model, cfg.task).items():
+        values = preset(cfg.model, cfg.task)
+        chosen = cfg.optimizer or values.get("optimizer")
+        if chosen == "auto" and device is not None and rowsgd_eligible(
+                cfg.model, cfg.task, device, one_process) is None:
+            chosen = cfg.optimizer = "rowsgd"
+            log.info("--optimizer auto: rowsgd (per-sample SGD kernel on the CPU, one "
+                     "process; recpipe/kernels.py)")
+        if chosen == "rowsgd":
+            values = {**values, **ROWSGD.get((cfg.model, cfg.task), {})}
+        for k, v in values.items():
             if getattr(cfg, k) is None:
                 setattr(cfg, k, copy.deepcopy(v))
         return cfg
+
+
+def rowsgd_eligible(model: str, task: str, device: Any, one_process: bool) -> str | None:
+    """None when ``--optimizer rowsgd`` can train ``model`` on ``task`` here, else why not."""
+    from . import kernels
+    cls = family(model)
+    if task not in cls.fused_tasks:
+        fused = [f"{n} ({'/'.join(c.fused_tasks)})" for n, c in REGISTRY.items()
+                 if c.fused_tasks]
+        return (f"--model {model} has no fused kernel for the {task} task; rowsgd trains "
+                f"{', '.join(fused) or 'no family'}")
+    if str(device).split(":")[0] != "cpu":
+        return f"rowsgd is a CPU kernel; this run is on {device} (use sparse_adam there)"
+    if not one_process:
+        return ("rowsgd runs in one process; under torchrun use --optimizer sparse_adam "
+                "(docs/distributed.md)")
+    if not kernels.available():
+        return kernels.missing_reason()
+    return None
 
 
 def decide_task(requested: str | None, cls: type[Family], split_task: str | None,
@@ -213,7 +251,9 @@ def for_data(cfg: TrainConfig, data: Data) -> TrainConfig:
         cfg = dataclasses.replace(cfg, optimizer=choice)
     # families trained on batches of rows (the autoencoders) count their batch in rows, not
     # in pair samples: the rule is for pair batches
-    if cfg.batch_scale and cfg.batch_size and family(cfg.model).batches == "pairs":
+    # rowsgd steps per rating: there is no batch to scale
+    if (cfg.batch_scale and cfg.batch_size and family(cfg.model).batches == "pairs"
+            and cfg.optimizer != "rowsgd"):
         samples = len(data.train) * for_task(cfg.task, n_negatives=cfg.n_negatives or 1
                                              ).samples_per_positive
         batch = cfg.batch_size

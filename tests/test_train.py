@@ -109,6 +109,7 @@ def _state(data_dir: Path, model: str) -> dict:
 @pytest.mark.shared
 @pytest.mark.parametrize("model,task,optimizer", [("mf", "explicit", "adam"),
                                                   ("mf", "explicit", "sparse_adam"),
+                                                  ("mf", "explicit", "rowsgd"),
                                                   ("gmf", "implicit", "adam"),
                                                   ("neumf", "implicit", "sparse_adam")])
 def test_resume_equals_uninterrupted_run(ml100k_loo, model, task, optimizer):
@@ -134,7 +135,8 @@ def test_ctrl_c_mid_epoch_then_resume_equals_uninterrupted_run(ml100k_random, mo
     half-trained state), the run is not marked finished, and --resume ends exactly where an
     uninterrupted run ends."""
     from recpipe.train import Optimizers
-    args = ["--model", "mf", "--epochs", "3", "--patience", "10", *SMALL["mf"]]
+    args = ["--model", "mf", "--epochs", "3", "--patience", "10", *SMALL["mf"],
+            "--optimizer", "adam"]
     out = ml100k_random / "60_train" / "mf"
     full = run(_cfg(ml100k_random, *args))
     # selected.pt: the model of the selection run itself (model.pt is the refit from scratch)
@@ -173,6 +175,41 @@ def test_ctrl_c_mid_epoch_then_resume_equals_uninterrupted_run(ml100k_random, mo
     for k, v in want.items():
         assert torch.equal(v, got[k]), k
     assert (out / "manifest.json").exists()
+
+
+@pytest.mark.shared
+def test_ctrl_c_inside_a_rowsgd_epoch_then_resume_equals_uninterrupted_run(ml100k_random,
+                                                                          monkeypatch):
+    """rowsgd runs an epoch as one kernel call per stratum: Ctrl-C between two strata of
+    epoch 2 leaves epoch 1's checkpoint, and --resume ends where an uninterrupted run ends."""
+    from recpipe import kernels
+    from recpipe.train import work_dir
+    args = ["--model", "mf", "--epochs", "3", "--patience", "10", *SMALL["mf"],
+            "--optimizer", "rowsgd", "--no-refit"]
+    out = ml100k_random / "60_train" / "mf"
+    full = run(_cfg(ml100k_random, *args))
+    want = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    real = kernels._stratum
+    calls = {"n": 0}
+
+    def interrupted(*a):
+        calls["n"] += 1
+        if calls["n"] == kernels.BLOCKS + 3:               # stratum 3 of epoch 2
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(kernels, "_stratum", interrupted)
+    shutil.rmtree(out)
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(ml100k_random, *args))
+    ck = torch.load(work_dir(ml100k_random, "mf") / "checkpoint.pt", weights_only=True)
+    assert ck["epoch"] == 1
+    monkeypatch.setattr(kernels, "_stratum", real)
+    resumed = run(_cfg(ml100k_random, *args, "--resume"))
+    assert resumed["test"] == full["test"] and resumed["best_epoch"] == full["best_epoch"]
+    got = torch.load(out / "model.pt", weights_only=True)["state_dict"]
+    for k, v in want.items():
+        assert torch.equal(v, got[k]), k
 
 
 @pytest.mark.shared

@@ -1,0 +1,166 @@
+"""--optimizer rowsgd: the fused per-sample SGD kernel of explicit MF (recpipe/kernels.py)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import models
+from recpipe import kernels
+from recpipe.cli import PipelineError
+from recpipe.train import TrainConfig, run
+from recpipe.train_config import rowsgd_eligible
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason=kernels.missing_reason())
+
+
+@pytest.fixture(scope="module")
+def ml100k_random_dir(tmp_path_factory, request):
+    from recpipe import ids, matrix, split
+    from stage_fixtures import write_ml100k_stage10
+    d = tmp_path_factory.mktemp("rowsgd")
+    write_ml100k_stage10(d, request.getfixturevalue("shared_data"))
+    ids.main(["--data-dir", str(d)])
+    split.main(["--data-dir", str(d), "--seed", "1", "--strategy", "random"])
+    matrix.main(["--data-dir", str(d)])
+    return d
+
+
+def _toy(n_users=37, n_items=23, n=600, k=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    users = torch.randint(0, n_users, (n,), generator=g)
+    items = torch.randint(0, n_items, (n,), generator=g)
+    ratings = torch.randint(1, 6, (n,), generator=g).float()
+    torch.manual_seed(seed)
+    m = models.build_model("mf", n_users, n_items, dim=k, init_std=0.3, global_mean=3.2,
+                           scale=1.3)
+    return m, users, items, ratings, g
+
+
+def _accumulators():
+    acc: dict = {}
+
+    def get(p):
+        if p not in acc:
+            acc[p] = torch.ones(p.shape[0])
+        return acc[p]
+    return get, acc
+
+
+def _reference_epoch(m, users, items, ratings, perm, acc, lr, reg):
+    """The documented update, one rating at a time in float64, in the block order of
+    kernels.py (stable by stratum, then user block)."""
+    nb = kernels.BLOCKS
+    u_, i_ = users.numpy(), items.numpy()
+    ub = u_ % nb
+    key = ((i_ % nb - ub) % nb) * nb + ub
+    p = perm.numpy().astype(np.int64)
+    order = p[np.argsort(key[p], kind="stable")]
+    P = m.user_factors.weight.detach().double().numpy().copy()
+    Q = m.item_factors.weight.detach().double().numpy().copy()
+    bu = m.user_bias.weight.detach().double().numpy()[:, 0].copy()
+    bi = m.item_bias.weight.detach().double().numpy()[:, 0].copy()
+    G = [acc(w).double().numpy().copy() for w in (m.user_factors.weight, m.item_factors.weight,
+                                                   m.user_bias.weight, m.item_bias.weight)]
+    z = (ratings.double().numpy() - float(m.global_mean)) / float(m.scale)
+    k = P.shape[1]
+    sq = 0.0
+    for s in order:
+        u, i = u_[s], i_[s]
+        e = P[u] @ Q[i] + bu[u] + bi[i] - z[s]
+        sq += e * e
+        gp, gq = e * Q[i] + reg * P[u], e * P[u] + reg * Q[i]
+        G[0][u] += gp @ gp / k
+        G[1][i] += gq @ gq / k
+        P[u] -= lr / np.sqrt(G[0][u]) * gp
+        Q[i] -= lr / np.sqrt(G[1][i]) * gq
+        gb = e + reg * bu[u]
+        G[2][u] += gb * gb
+        bu[u] -= lr / np.sqrt(G[2][u]) * gb
+        gb = e + reg * bi[i]
+        G[3][i] += gb * gb
+        bi[i] -= lr / np.sqrt(G[3][i]) * gb
+    return sq, (P, Q, bu, bi), G
+
+
+def test_the_kernel_is_the_documented_per_sample_update():
+    m, users, items, ratings, g = _toy()
+    perm = torch.randperm(len(users), generator=g, dtype=torch.int32)
+    get, _ = _accumulators()
+    want_sq, want, want_g = _reference_epoch(m, users, items, ratings, perm, get, 0.1, 0.05)
+    get2, acc2 = _accumulators()
+    sq = m.fused_epoch(users, items, ratings, perm, get2, 0.1, 0.05, 2, {})
+    assert sq == pytest.approx(want_sq, rel=1e-5)
+    got = (m.user_factors.weight, m.item_factors.weight, m.user_bias.weight,
+           m.item_bias.weight)
+    for w, ref, gref in zip(got, want, want_g):
+        np.testing.assert_allclose(w.detach().numpy().reshape(ref.shape), ref, rtol=2e-5,
+                                   atol=2e-6)
+        np.testing.assert_allclose(acc2[w].numpy(), gref, rtol=2e-5)
+    # every row a rating touched moved; rows without ratings did not
+    touched = np.zeros(m.n_users, bool)
+    touched[users.numpy()] = True
+    assert (np.asarray(get2(m.user_factors.weight)) > 1)[touched].all()
+    assert (np.asarray(get2(m.user_factors.weight)) == 1)[~touched].all()
+
+
+def test_the_result_does_not_depend_on_the_threads():
+    import numba
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba sees one CPU: nothing to compare")
+    states = []
+    for threads in (1, 2):
+        m, users, items, ratings, g = _toy(n_users=500, n_items=300, n=20000, k=16)
+        get, _ = _accumulators()
+        sc: dict = {}
+        for _ in range(3):
+            perm = torch.randperm(len(users), generator=g, dtype=torch.int32)
+            m.fused_epoch(users, items, ratings, perm, get, 0.1, 0.05, threads, sc)
+        states.append({k: v.clone() for k, v in m.state_dict().items()})
+    for k, v in states[0].items():
+        assert torch.equal(v, states[1][k]), k
+
+
+def test_auto_is_rowsgd_for_mf_on_the_cpu_with_its_own_learning_rate():
+    from recpipe.presets import ROWSGD, preset
+    cpu = torch.device("cpu")
+    cfg = TrainConfig(model="mf").resolved(device=cpu)
+    assert cfg.optimizer == "rowsgd" and cfg.lr == ROWSGD[("mf", "explicit")]["lr"]
+    assert cfg.lr != preset("mf", "explicit")["lr"]          # Adam's stays Adam's
+    assert TrainConfig(model="mf", lr=0.03).resolved(device=cpu).lr == 0.03   # --lr wins
+    # elsewhere auto is decided from the data as before (for_data), with the Adam preset
+    for dev, one in ((torch.device("cuda"), True), (cpu, False)):
+        cfg = TrainConfig(model="mf").resolved(device=dev, one_process=one)
+        assert cfg.optimizer == "auto" and cfg.lr == preset("mf", "explicit")["lr"]
+    assert TrainConfig(model="gmf", task="implicit").resolved(device=cpu).optimizer == "auto"
+    assert TrainConfig(model="mf", optimizer="adam").resolved(device=cpu).optimizer == "adam"
+
+
+def test_where_rowsgd_cannot_run_it_says_why():
+    assert "no fused kernel" in rowsgd_eligible("gmf", "implicit", "cpu", True)
+    assert "no fused kernel" in rowsgd_eligible("mf", "implicit", "cpu", True)
+    assert "CPU kernel" in rowsgd_eligible("mf", "explicit", "cuda:0", True)
+    assert "torchrun" in rowsgd_eligible("mf", "explicit", "cpu", False)
+    assert rowsgd_eligible("mf", "explicit", "cpu", True) is None
+
+
+@pytest.mark.shared
+def test_rowsgd_on_ml100k_matches_the_adam_path(ml100k_random_dir):
+    """Real data, whole stage 60 (selection, refit, test) at the presets: auto is rowsgd,
+    and its test RMSE is no worse than the batch Adam path's (seed noise allowed)."""
+    from recpipe.cli import parse_config
+    base = ["--data-dir", str(ml100k_random_dir), "--model", "mf", "--dim", "32",
+            "--epochs", "25"]
+    fast = run(parse_config(TrainConfig, base, "60_train.py", ""))
+    assert fast["config"]["optimizer"] == "rowsgd"
+    adam = run(parse_config(TrainConfig, [*base, "--optimizer", "adam"], "60_train.py", ""))
+    assert fast["test"]["rmse"] < 0.93 and fast["test"]["rmse_n"] == adam["test"]["rmse_n"]
+    assert fast["test"]["rmse"] <= adam["test"]["rmse"] + 0.005, (fast["test"], adam["test"])
+
+
+def test_the_trainer_refuses_rowsgd_for_a_model_without_a_kernel(tmp_path):
+    from recpipe.train import Trainer
+    from test_train import _synthetic_data
+    cfg = TrainConfig(model="gmf", task="implicit", optimizer="rowsgd").resolved()
+    with pytest.raises(PipelineError, match="rowsgd: --model gmf has no fused kernel"):
+        Trainer(cfg, _synthetic_data("implicit"), tmp_path, "test")
