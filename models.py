@@ -215,7 +215,7 @@ class BiasedMF(_Base):
         return self.mse_backward(users, items, ratings, reg, scratch), None
 
     @torch.no_grad()
-    def fused_epoch(self, users, items, ratings, perm, accumulators, lr, reg, threads,
+    def fused_epoch(self, users, items, ratings, seed, accumulators, lr, reg, threads,
                     scratch):
         """One epoch of ``--optimizer rowsgd`` (recpipe/kernels.py): per rating, an SGD step
         on the objective above (the same per-sample L2 on the four rows), each row with its
@@ -223,14 +223,14 @@ class BiasedMF(_Base):
         sides = ((self.user_factors.weight, self.user_bias.weight),
                  (self.item_factors.weight, self.item_bias.weight))
         arrays = [(w.detach().numpy(), b.detach().numpy(), accumulators(w).numpy(),
-                   accumulators(b).numpy())
-                  for w, b in sides]
-        U, V = (kernels.pack(*a) for a in arrays)
-        if scratch.get("ratings") is not ratings:     # once per train part: the block keys
+                   accumulators(b).numpy()) for w, b in sides]
+        if scratch.get("ratings") is not ratings:     # once per train part
             z = ((ratings - self.global_mean) / self.scale).to(torch.float32).numpy()
             scratch.update(ratings=ratings,
                            kernel=kernels.Ratings(users.numpy(), items.numpy(), z))
-        sq = scratch["kernel"].epoch(perm.numpy(), U, V, lr, reg, threads)
+        U, V = (kernels.pack_into(scratch.get(key), *a) for key, a in zip("UV", arrays))
+        scratch.update(U=U, V=V)
+        sq = scratch["kernel"].epoch(seed, U, V, lr, reg, threads)
         for packed, a in zip((U, V), arrays):
             kernels.unpack(packed, *a)
         return sq

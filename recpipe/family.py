@@ -218,12 +218,12 @@ class Family(nn.Module):
         raise NotImplementedError
 
     def fused_epoch(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
-                    perm: torch.Tensor, accumulators, lr: float, reg: float, threads: int,
+                    seed: int, accumulators, lr: float, reg: float, threads: int,
                     scratch: dict) -> float:
         """Optional (``fused_tasks``): one epoch of per-sample SGD over the train ratings in
-        ``perm`` order, in place; ``accumulators(param)`` gives the optimiser's per-row
-        state, ``scratch`` is kept by the trainer between epochs. Returns the sum of the
-        squared errors seen before each update."""
+        an order drawn from ``seed``, in place; ``accumulators(param)`` gives the optimiser's
+        per-row state, ``scratch`` is kept by the trainer between epochs. Returns the sum of
+        the squared errors seen before each update."""
         raise NotImplementedError
 
     def init_from(self, parts: dict[str, nn.Module], alpha: float) -> None:

@@ -4,7 +4,8 @@
 One epoch is one SGD step per training rating, on the same objective as every other path
 (``BiasedMF``: per rating ``e^2 + reg (|p_u|^2 + |q_i|^2 + b_u^2 + b_i^2)`` in standardised
 units, ``e = p_u.q_i + b_u + b_i - (r - mean) / std``), with a per-row AdaGrad step size, as
-LIBMF does: each factor row and each bias has one accumulator ``G`` (starting at 1) of its
+LIBMF does: each factor row and each bias has one accumulator ``G`` (starting at
+``optim.ROWSGD_INITIAL``, 0.1) of its
 squared gradients (the factor row's averaged over its k entries), and moves by
 ``lr / sqrt(G)`` times its gradient. No moment vectors: the optimiser state is one float per
 row and table.
@@ -18,10 +19,15 @@ cache miss instead of four).
 Threads and determinism. The ratings are cut into BLOCKS x BLOCKS blocks by user id and item
 id (mod BLOCKS); an epoch runs BLOCKS strata, and stratum s processes the blocks (t, t + s)
 for t = 0..BLOCKS-1 in parallel. Blocks of a stratum share no user and no item, so threads
-never write the same row, and within a block the ratings keep the epoch's shuffled order:
-the result does not depend on the number of threads (DSGD, Gemulla et al. 2011; LIBMF's
-scheduler is the lock-free variant of the same idea). BLOCKS is fixed, so ``--resume`` and a
-rerun are exact whatever ``--threads`` is.
+never write the same row. Within a block the ratings come in a random order drawn afresh
+every epoch from a seed (the trainer draws it from its seeded generator) plus the block's
+number, so the order, and the result, depend on neither the number of threads nor the epochs
+before (DSGD, Gemulla et al. 2011; LIBMF's scheduler is the lock-free variant of the same
+idea). BLOCKS is fixed, so ``--resume`` and a rerun are exact whatever ``--threads`` is.
+
+Memory: the ratings grouped by block once (int32 user, int32 item, float32 standardised
+rating: 12 bytes a rating) plus a buffer of the same size for each epoch's order, and the
+packed tables (k + 3 floats a row), reused between epochs.
 """
 from __future__ import annotations
 
@@ -51,27 +57,48 @@ if numba is not None:
     _CACHE = os.environ.get("RECPIPE_NUMBA_CACHE", "1") != "0"
 
     @njit(cache=_CACHE)
-    def _block_keys(users, items, nb, keys, counts):
-        """Each rating's block: stratum s = (item block - user block) mod nb, key s*nb + user
-        block (block (t, (t + s) % nb) of stratum s has key s*nb + t); counts per key."""
-        for x in range(users.shape[0]):
+    def _by_block(users, items, z, nb, starts, cu, ci, cz):
+        """The ratings grouped by block (a stable counting sort): block b = s*nb + t, the
+        block (t, (t + s) % nb) of stratum s (s = (item block - user block) mod nb), at
+        [starts[b], starts[b + 1]) of cu / ci / cz."""
+        n = users.shape[0]
+        counts = np.zeros(nb * nb, np.int64)
+        for x in range(n):
+            ub = users[x] % nb
+            counts[((items[x] % nb - ub) % nb) * nb + ub] += 1
+        starts[0] = 0
+        for b in range(nb * nb):
+            starts[b + 1] = starts[b] + counts[b]
+        pos = starts[:-1].copy()
+        for x in range(n):
             ub = users[x] % nb
             b = ((items[x] % nb - ub) % nb) * nb + ub
-            keys[x] = b
-            counts[b] += 1
+            p = pos[b]
+            pos[b] = p + 1
+            cu[p] = users[x]
+            ci[p] = items[x]
+            cz[p] = z[x]
 
-    @njit(cache=_CACHE)
-    def _arrange(perm, keys, starts, users, items, z, ou, oi, oz):
-        """The ratings in ``perm`` order, grouped by block (a stable counting sort): block b
-        at [starts[b], starts[b + 1]) of ou / oi / oz."""
-        pos = starts[:-1].copy()
-        for j in range(perm.shape[0]):
-            x = perm[j]
-            p = pos[keys[x]]
-            pos[keys[x]] = p + 1
-            ou[p] = users[x]
-            oi[p] = items[x]
-            oz[p] = z[x]
+    @njit(cache=_CACHE, parallel=True)
+    def _shuffle_blocks(seed, starts, cu, ci, cz, ou, oi, oz):
+        """This epoch's order: each block's ratings in a random order (Fisher-Yates from a
+        generator seeded with seed + block, so the order depends on the seed only, not on
+        the threads or on earlier epochs)."""
+        nblocks = starts.shape[0] - 1
+        for b in prange(nblocks):
+            lo, hi = starts[b], starts[b + 1]
+            np.random.seed(seed + b)
+            idx = np.arange(lo, hi)
+            for j in range(hi - lo - 1, 0, -1):
+                r = np.random.randint(0, j + 1)
+                t = idx[j]
+                idx[j] = idx[r]
+                idx[r] = t
+            for j in range(hi - lo):
+                x = idx[j]
+                ou[lo + j] = cu[x]
+                oi[lo + j] = ci[x]
+                oz[lo + j] = cz[x]
 
     @njit(cache=_CACHE, fastmath=True)
     def _block(lo, hi, users, items, z, U, V, lr, reg):
@@ -123,11 +150,18 @@ if numba is not None:
         return sq
 
 
-def pack(factors: np.ndarray, bias: np.ndarray, g_factors: np.ndarray,
-         g_bias: np.ndarray) -> np.ndarray:
-    """[rows, k + 3] float32: factors, bias, the two AdaGrad accumulators."""
-    return np.concatenate([factors, bias.reshape(-1, 1), g_factors.reshape(-1, 1),
-                           g_bias.reshape(-1, 1)], axis=1).astype(np.float32, copy=False)
+def pack_into(out: np.ndarray | None, factors: np.ndarray, bias: np.ndarray,
+              g_factors: np.ndarray, g_bias: np.ndarray) -> np.ndarray:
+    """[rows, k + 3] float32 (``out`` reused when it has that shape): factors, bias, the two
+    AdaGrad accumulators."""
+    k = factors.shape[1]
+    if out is None or out.shape != (factors.shape[0], k + 3):
+        out = np.empty((factors.shape[0], k + 3), np.float32)
+    out[:, :k] = factors
+    out[:, k] = bias.reshape(-1)
+    out[:, k + 1] = g_factors.reshape(-1)
+    out[:, k + 2] = g_bias.reshape(-1)
+    return out
 
 
 def unpack(packed: np.ndarray, factors: np.ndarray, bias: np.ndarray, g_factors: np.ndarray,
@@ -141,32 +175,30 @@ def unpack(packed: np.ndarray, factors: np.ndarray, bias: np.ndarray, g_factors:
 
 
 class Ratings:
-    """The train ratings as the kernel reads them: per rating its block key (computed once),
-    the block sizes, and per-epoch buffers of (user, item, standardised rating) in block
-    order (12 bytes a rating, int32 ids)."""
+    """The train ratings as the kernel reads them: grouped by block once (int32 ids and the
+    standardised rating, 12 bytes a rating), and a buffer of the same size for each epoch's
+    shuffled order."""
 
     def __init__(self, users: np.ndarray, items: np.ndarray, z: np.ndarray):
         if numba is None:
             raise RuntimeError(missing_reason())
-        self.users, self.items, self.z = users, items, z.astype(np.float32, copy=False)
         n = users.shape[0]
-        self.keys = np.empty(n, np.uint8)
-        counts = np.zeros(BLOCKS * BLOCKS, np.int64)
-        _block_keys(users, items, BLOCKS, self.keys, counts)
         self.starts = np.zeros(BLOCKS * BLOCKS + 1, np.int64)
-        np.cumsum(counts, out=self.starts[1:])
-        self.ou = np.empty(n, np.int32)
-        self.oi = np.empty(n, np.int32)
+        self.cu, self.ci = np.empty(n, np.int32), np.empty(n, np.int32)
+        self.cz = np.empty(n, np.float32)
+        _by_block(users, items, z.astype(np.float32, copy=False), BLOCKS, self.starts,
+                  self.cu, self.ci, self.cz)
+        self.ou, self.oi = np.empty(n, np.int32), np.empty(n, np.int32)
         self.oz = np.empty(n, np.float32)
 
-    def epoch(self, perm: np.ndarray, U: np.ndarray, V: np.ndarray, lr: float, reg: float,
+    def epoch(self, seed: int, U: np.ndarray, V: np.ndarray, lr: float, reg: float,
               threads: int) -> float:
-        """One epoch over the ratings in ``perm`` order (within each block, see above); U / V
-        the packed user / item tables (updated in place). Returns the sum of the squared
-        errors seen before each update."""
+        """One epoch: every block in the order drawn from ``seed``, the strata one after the
+        other; U / V the packed user / item tables (updated in place). Returns the sum of
+        the squared errors seen before each update."""
         numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
-        _arrange(perm, self.keys, self.starts, self.users, self.items, self.z, self.ou,
-                 self.oi, self.oz)
+        _shuffle_blocks(int(seed), self.starts, self.cu, self.ci, self.cz, self.ou, self.oi,
+                        self.oz)
         sq = 0.0
         for s in range(BLOCKS):   # one call per stratum: Ctrl-C is seen between strata
             sq += _stratum(s, self.starts, BLOCKS, self.ou, self.oi, self.oz, U, V,

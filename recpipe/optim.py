@@ -54,19 +54,26 @@ class RowSparseAdam(torch.optim.SparseAdam):
             p.index_add_(0, rows, m.div_(v.sqrt_().add_(group["eps"]).mul_(-1.0 / step_size)))
 
 
+# rowsgd's accumulators start here (LIBMF starts at 1): 0.1 gives larger first steps, chosen
+# on validation (docs/presets.md: equal after 60 epochs, better after 1-3 at 10M ratings)
+ROWSGD_INITIAL = 0.1
+
+
 class RowAdaGrad(torch.optim.Optimizer):
     """The state of ``--optimizer rowsgd`` (per-sample SGD with a per-row AdaGrad step size,
-    ``kernels.py``): one accumulator per row of each table, starting at 1. The steps are the
+    ``kernels.py``): one accumulator per row of each table, starting at ROWSGD_INITIAL. The steps are the
     family's fused epoch (``Family.fused_epoch``), not ``step``; being a torch optimiser, its
     state and learning rate go through ``state_dict`` and ``set_factor`` like the others."""
 
-    def __init__(self, params, lr: float):
+    def __init__(self, params, lr: float, initial: float | None = None):
         super().__init__(params, {"lr": lr})
+        self.initial = ROWSGD_INITIAL if initial is None else float(initial)
 
     def accumulators(self, p: torch.Tensor) -> torch.Tensor:
         state = self.state[p]
         if "sum" not in state:
-            state["sum"] = torch.ones(p.shape[0], dtype=p.dtype, device=p.device)
+            state["sum"] = torch.full((p.shape[0],), self.initial, dtype=p.dtype,
+                                      device=p.device)
         return state["sum"]
 
     def step(self, closure=None):

@@ -274,15 +274,16 @@ class Trainer:
         per = objective.samples_per_positive
         bs = cfg.batch_size if cfg.batch_size > 0 else n * per
         pos_per_batch = max(1, bs // per)
+        if cfg.optimizer == "rowsgd":          # the fused kernel shuffles itself (kernels.py)
+            seed = int(torch.randint(0, 2**31 - 2**16, (), generator=self.gen))
+            sq = model.fused_epoch(tr.users, tr.items, tr.ratings, seed, self.opt.accumulators,
+                                   self.opt.lr, cfg.reg, torch.get_num_threads(),
+                                   self._fused_scratch)
+            return sq / max(1, n), n
         # int32 when it fits: the same permutation as int64, half the memory and ~25% less
         # time to draw; each batch's slice is widened (index_select is slow on int32)
         perm = torch.randperm(n, device=self.dev, generator=self.gen,
                               dtype=torch.int32 if n < 2**31 else torch.int64)
-        if cfg.optimizer == "rowsgd":          # one fused kernel call per epoch (kernels.py)
-            sq = model.fused_epoch(tr.users, tr.items, tr.ratings, perm, self.opt.accumulators,
-                                   self.opt.lr, cfg.reg, torch.get_num_threads(),
-                                   self._fused_scratch)
-            return sq / max(1, n), n
         loss_sum = torch.zeros((), device=self.dev)
         samples = 0
         bar = tqdm(range(0, n, pos_per_batch), desc=f"epoch {self.epoch + 1}", unit="batch",

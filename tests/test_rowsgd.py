@@ -26,9 +26,9 @@ def ml100k_random_dir(tmp_path_factory, request):
     return d
 
 
-def _toy(n_users=37, n_items=23, n=600, k=5, seed=0):
+def _toy(n_users=45, n_items=23, n=600, k=5, seed=0):
     g = torch.Generator().manual_seed(seed)
-    users = torch.randint(0, n_users, (n,), generator=g)
+    users = torch.randint(0, n_users - 5, (n,), generator=g)     # 5 users without ratings
     items = torch.randint(0, n_items, (n,), generator=g)
     ratings = torch.randint(1, 6, (n,), generator=g).float()
     torch.manual_seed(seed)
@@ -38,36 +38,28 @@ def _toy(n_users=37, n_items=23, n=600, k=5, seed=0):
 
 
 def _accumulators():
+    from recpipe.optim import ROWSGD_INITIAL
     acc: dict = {}
 
     def get(p):
         if p not in acc:
-            acc[p] = torch.ones(p.shape[0])
+            acc[p] = torch.full((p.shape[0],), ROWSGD_INITIAL)
         return acc[p]
     return get, acc
 
 
-def _reference_epoch(m, users, items, ratings, perm, acc, lr, reg):
-    """The documented update, one rating at a time in float64, in the block order of
-    kernels.py (stable by stratum, then user block)."""
-    nb = kernels.BLOCKS
-    u_, i_ = users.numpy(), items.numpy()
-    ub = u_ % nb
-    key = ((i_ % nb - ub) % nb) * nb + ub
-    p = perm.numpy().astype(np.int64)
-    order = p[np.argsort(key[p], kind="stable")]
+def _reference_epoch(m, order_u, order_i, order_z, acc, lr, reg):
+    """The documented update, one rating at a time in float64, in the given order."""
     P = m.user_factors.weight.detach().double().numpy().copy()
     Q = m.item_factors.weight.detach().double().numpy().copy()
     bu = m.user_bias.weight.detach().double().numpy()[:, 0].copy()
     bi = m.item_bias.weight.detach().double().numpy()[:, 0].copy()
     G = [acc(w).double().numpy().copy() for w in (m.user_factors.weight, m.item_factors.weight,
                                                    m.user_bias.weight, m.item_bias.weight)]
-    z = (ratings.double().numpy() - float(m.global_mean)) / float(m.scale)
     k = P.shape[1]
     sq = 0.0
-    for s in order:
-        u, i = u_[s], i_[s]
-        e = P[u] @ Q[i] + bu[u] + bi[i] - z[s]
+    for u, i, z in zip(order_u, order_i, order_z.astype(np.float64)):
+        e = P[u] @ Q[i] + bu[u] + bi[i] - z
         sq += e * e
         gp, gq = e * Q[i] + reg * P[u], e * P[u] + reg * Q[i]
         G[0][u] += gp @ gp / k
@@ -84,24 +76,45 @@ def _reference_epoch(m, users, items, ratings, perm, acc, lr, reg):
 
 
 def test_the_kernel_is_the_documented_per_sample_update():
+    from recpipe.optim import ROWSGD_INITIAL
     m, users, items, ratings, g = _toy()
-    perm = torch.randperm(len(users), generator=g, dtype=torch.int32)
-    get, _ = _accumulators()
-    want_sq, want, want_g = _reference_epoch(m, users, items, ratings, perm, get, 0.1, 0.05)
+    ref = models.build_model("mf", m.n_users, m.n_items, dim=5)
+    ref.load_state_dict(m.state_dict())
     get2, acc2 = _accumulators()
-    sq = m.fused_epoch(users, items, ratings, perm, get2, 0.1, 0.05, 2, {})
+    sc: dict = {}
+    sq = m.fused_epoch(users, items, ratings, 1234, get2, 0.1, 0.05, 2, sc)
+    R = sc["kernel"]
+    # the epoch's order: every rating once, grouped by block, strata one after the other
+    nb = kernels.BLOCKS
+    got_pairs = sorted(zip(R.ou.tolist(), R.oi.tolist()))
+    assert got_pairs == sorted(zip(users.tolist(), items.tolist()))
+    for b in range(nb * nb):
+        s_, t = divmod(b, nb)
+        lo, hi = R.starts[b], R.starts[b + 1]
+        assert (R.ou[lo:hi] % nb == t).all() and (R.oi[lo:hi] % nb == (t + s_) % nb).all()
+    z = ((ratings.double() - float(m.global_mean)) / float(m.scale)).numpy()
+    np.testing.assert_allclose(np.sort(R.oz), np.sort(z.astype(np.float32)))
+    get, _ = _accumulators()
+    want_sq, want, want_g = _reference_epoch(ref, R.ou, R.oi, R.oz, get, 0.1, 0.05)
     assert sq == pytest.approx(want_sq, rel=1e-5)
     got = (m.user_factors.weight, m.item_factors.weight, m.user_bias.weight,
            m.item_bias.weight)
-    for w, ref, gref in zip(got, want, want_g):
-        np.testing.assert_allclose(w.detach().numpy().reshape(ref.shape), ref, rtol=2e-5,
+    for w, r, gref in zip(got, want, want_g):
+        np.testing.assert_allclose(w.detach().numpy().reshape(r.shape), r, rtol=2e-5,
                                    atol=2e-6)
         np.testing.assert_allclose(acc2[w].numpy(), gref, rtol=2e-5)
     # every row a rating touched moved; rows without ratings did not
     touched = np.zeros(m.n_users, bool)
     touched[users.numpy()] = True
-    assert (np.asarray(get2(m.user_factors.weight)) > 1)[touched].all()
-    assert (np.asarray(get2(m.user_factors.weight)) == 1)[~touched].all()
+    g0 = get2(m.user_factors.weight).numpy()
+    assert (g0 > np.float32(ROWSGD_INITIAL))[touched].all()
+    assert (~touched).sum() >= 5 and (g0 == np.float32(ROWSGD_INITIAL))[~touched].all()
+    # the order is the seed's: the same seed gives the same order, another seed another one
+    first = R.ou.copy(), R.oi.copy()
+    m.fused_epoch(users, items, ratings, 1234, get2, 0.1, 0.05, 1, sc)
+    assert (R.ou == first[0]).all() and (R.oi == first[1]).all()
+    m.fused_epoch(users, items, ratings, 99, get2, 0.1, 0.05, 1, sc)
+    assert not ((R.ou == first[0]).all() and (R.oi == first[1]).all())
 
 
 def test_the_result_does_not_depend_on_the_threads():
@@ -113,9 +126,8 @@ def test_the_result_does_not_depend_on_the_threads():
         m, users, items, ratings, g = _toy(n_users=500, n_items=300, n=20000, k=16)
         get, _ = _accumulators()
         sc: dict = {}
-        for _ in range(3):
-            perm = torch.randperm(len(users), generator=g, dtype=torch.int32)
-            m.fused_epoch(users, items, ratings, perm, get, 0.1, 0.05, threads, sc)
+        for seed in range(3):
+            m.fused_epoch(users, items, ratings, seed, get, 0.1, 0.05, threads, sc)
         states.append({k: v.clone() for k, v in m.state_dict().items()})
     for k, v in states[0].items():
         assert torch.equal(v, states[1][k]), k
