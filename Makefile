@@ -72,7 +72,7 @@ $(S30): 30_split_train_test.py $(COMMON) recpipe/split.py recpipe/holdout.py $(w
 $(S40): 40_make_sparse_matrix.py $(COMMON) recpipe/matrix.py $(S30) $(P)/40
 	$(PYTHON) 40_make_sparse_matrix.py $(ARGS40)
 
-$(S60): 60_train.py models.py $(COMMON) $(wildcard $(addprefix recpipe/,train.py metrics.py dataset.py presets.py family.py objectives.py scoring.py evaluation.py checkpoint.py optim.py report.py train_config.py ease.py autoencoders.py distributed.py)) $(S40) $(P)/$(STAMP60)
+$(S60): 60_train.py models.py $(COMMON) $(wildcard $(addprefix recpipe/,train.py metrics.py dataset.py presets.py family.py objectives.py scoring.py evaluation.py checkpoint.py optim.py report.py train_config.py ease.py autoencoders.py distributed.py kernels.py)) $(S40) $(P)/$(STAMP60)
 	$(PYTHON) 60_train.py $(ARGS60)
 
 test:

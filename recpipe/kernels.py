@@ -5,10 +5,9 @@ One epoch is one SGD step per training rating, on the same objective as every ot
 (``BiasedMF``: per rating ``e^2 + reg (|p_u|^2 + |q_i|^2 + b_u^2 + b_i^2)`` in standardised
 units, ``e = p_u.q_i + b_u + b_i - (r - mean) / std``), with a per-row AdaGrad step size, as
 LIBMF does: each factor row and each bias has one accumulator ``G`` (starting at
-``optim.ROWSGD_INITIAL``, 0.1) of its
-squared gradients (the factor row's averaged over its k entries), and moves by
-``lr / sqrt(G)`` times its gradient. No moment vectors: the optimiser state is one float per
-row and table.
+``optim.ROWSGD_INITIAL``, 0.1) of its squared gradients (the factor row's averaged over its k
+entries), and moves by ``lr / sqrt(G)`` times its gradient. No moment vectors: the optimiser
+state is one float per row and table.
 
 Why a kernel: a mini-batch step on a 480k-row user table is bound by the random row reads of
 the batch (a factor row plus its two Adam moments, each 512 bytes at k = 128) and by the
@@ -100,7 +99,7 @@ if numba is not None:
                 oi[lo + j] = ci[x]
                 oz[lo + j] = cz[x]
 
-    @njit(cache=_CACHE, fastmath=True)
+    @njit(cache=_CACHE, fastmath=True, error_model="numpy")     # no division checks
     def _block(lo, hi, users, items, z, U, V, lr, reg):
         """SGD over ratings lo..hi-1. Packed rows: [factors (k), bias, G factors, G bias]."""
         k = U.shape[1] - 3
@@ -204,3 +203,12 @@ class Ratings:
             sq += _stratum(s, self.starts, BLOCKS, self.ou, self.oi, self.oz, U, V,
                            np.float32(lr), np.float32(reg))
         return sq
+
+
+def warm_up() -> None:
+    """Load (or compile, the first time after an install) the kernels on a toy problem, so
+    that a benchmark can keep this one-time cost out of its timing."""
+    users = np.arange(BLOCKS, dtype=np.int64)
+    z = np.zeros(BLOCKS, np.float32)
+    tables = [np.full((BLOCKS, 4), 0.1, np.float32) for _ in range(2)]
+    Ratings(users, users.copy(), z).epoch(0, *tables, 0.1, 0.1, 1)
