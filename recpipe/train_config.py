@@ -65,7 +65,8 @@ class TrainConfig:
                                    f"{AUTO_ROWS_PER_SAMPLE} rows per batch sample, else adam)" + PRESET,
                                    choices=["adam", "sgd", "sparse_adam", "rowsgd", "adagrad",
                                             "auto"])
-    lr: Optional[float] = opt(None, "learning rate" + PRESET)
+    lr: Optional[float] = opt(None, "learning rate" + PRESET + "; rowsgd has its own "
+                              "(presets.ROWSGD: mf explicit 0.1)")
     momentum: Optional[float] = opt(None, "sgd momentum" + PRESET)
     batch_size: Optional[int] = opt(None, "training samples per step (implicit: positives + "
                                     "negatives); 0 = full batch; under torchrun the global "
