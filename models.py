@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from recpipe import kernels
 from recpipe.family import REGISTRY, Family, family, look, register
 from recpipe.objectives import ExplicitMSE, Objective
 
@@ -220,6 +219,7 @@ class BiasedMF(_Base):
         """One epoch of ``--optimizer rowsgd`` (recpipe/kernels.py): per rating, an SGD step
         on the objective above (the same per-sample L2 on the four rows), each row with its
         AdaGrad step size. CPU only: the tables are packed for the kernel and written back."""
+        from recpipe import kernels      # numba: imported by the runs that use it only
         sides = ((self.user_factors.weight, self.user_bias.weight),
                  (self.item_factors.weight, self.item_bias.weight))
         arrays = [(w.detach().numpy(), b.detach().numpy(), accumulators(w).numpy(),

@@ -61,18 +61,18 @@ ROWSGD_INITIAL = 0.1
 
 class RowAdaGrad(torch.optim.Optimizer):
     """The state of ``--optimizer rowsgd`` (per-sample SGD with a per-row AdaGrad step size,
-    ``kernels.py``): one accumulator per row of each table, starting at ROWSGD_INITIAL. The steps are the
-    family's fused epoch (``Family.fused_epoch``), not ``step``; being a torch optimiser, its
-    state and learning rate go through ``state_dict`` and ``set_factor`` like the others."""
+    ``kernels.py``): one accumulator per row of each table, starting at ROWSGD_INITIAL. The
+    steps are the family's fused epoch (``Family.fused_epoch``), not ``step``; being a torch
+    optimiser, its state and learning rate go through ``state_dict`` and ``set_factor`` like
+    the others."""
 
-    def __init__(self, params, lr: float, initial: float | None = None):
+    def __init__(self, params, lr: float):
         super().__init__(params, {"lr": lr})
-        self.initial = ROWSGD_INITIAL if initial is None else float(initial)
 
     def accumulators(self, p: torch.Tensor) -> torch.Tensor:
         state = self.state[p]
         if "sum" not in state:
-            state["sum"] = torch.full((p.shape[0],), self.initial, dtype=p.dtype,
+            state["sum"] = torch.full((p.shape[0],), ROWSGD_INITIAL, dtype=p.dtype,
                                       device=p.device)
         return state["sum"]
 

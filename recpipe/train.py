@@ -59,8 +59,6 @@ from .report import plot_curve, write_history
 __all__ = ["TrainConfig", "Trainer", "run", "main", "load_model", "decide_task", "for_data"]
 
 log = logging.getLogger("recpipe")
-
-
 PROG = "60_train.py"
 STAGE = "60_train"
 DESCRIPTION = ("Train a recommendation model on stage 40's sparse matrices. Options left "
@@ -271,15 +269,15 @@ class Trainer:
             return self._train_row_epoch()
         tr = data.train
         n = len(tr)
-        per = objective.samples_per_positive
-        bs = cfg.batch_size if cfg.batch_size > 0 else n * per
-        pos_per_batch = max(1, bs // per)
         if cfg.optimizer == "rowsgd":          # the fused kernel shuffles itself (kernels.py)
             seed = int(torch.randint(0, 2**31 - 2**16, (), generator=self.gen))
             sq = model.fused_epoch(tr.users, tr.items, tr.ratings, seed, self.opt.accumulators,
                                    self.opt.lr, cfg.reg, torch.get_num_threads(),
                                    self._fused_scratch)
             return sq / max(1, n), n
+        per = objective.samples_per_positive
+        bs = cfg.batch_size if cfg.batch_size > 0 else n * per
+        pos_per_batch = max(1, bs // per)
         # int32 when it fits: the same permutation as int64, half the memory and ~25% less
         # time to draw; each batch's slice is widened (index_select is slow on int32)
         perm = torch.randperm(n, device=self.dev, generator=self.gen,

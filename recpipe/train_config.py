@@ -179,7 +179,6 @@ class TrainConfig:
 
 def rowsgd_eligible(model: str, task: str, device: Any, one_process: bool) -> str | None:
     """None when ``--optimizer rowsgd`` can train ``model`` on ``task`` here, else why not."""
-    from . import kernels
     cls = family(model)
     if task not in cls.fused_tasks:
         fused = [f"{n} ({'/'.join(c.fused_tasks)})" for n, c in REGISTRY.items()
@@ -191,6 +190,7 @@ def rowsgd_eligible(model: str, task: str, device: Any, one_process: bool) -> st
     if not one_process:
         return ("rowsgd runs in one process; under torchrun use --optimizer sparse_adam "
                 "(docs/distributed.md)")
+    from . import kernels            # imports numba: only where rowsgd could run
     if not kernels.available():
         return kernels.missing_reason()
     return None
