@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from recpipe.family import REGISTRY, Family, family, look, register
+from recpipe.family import REGISTRY, Family, family, look, look_side, register
 from recpipe.objectives import ExplicitMSE, Objective
 
 __all__ = ["BiasedMF", "DeepMF", "GMF", "MLP", "NeuMF", "MODELS", "build_model"]
@@ -318,10 +318,15 @@ class DeepMF(_Base):
         nn.init.zeros_(self.output.bias)
 
     def _user_side(self, users: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.tower_user(self.drop(_look(self.user_embedding, users))))
+        return self._side(self.user_embedding, users, self.tower_user)
 
     def _item_side(self, items: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.tower_item(self.drop(_look(self.item_embedding, items))))
+        return self._side(self.item_embedding, items, self.tower_item)
+
+    def _side(self, emb: nn.Embedding, idx: torch.Tensor, tower: nn.Linear) -> torch.Tensor:
+        if self.drop.p > 0 and self.training:     # a dropout mask per sample, not per row
+            return torch.relu(tower(self.drop(_look(emb, idx))))
+        return look_side(emb, idx, lambda e: torch.relu(tower(e)))
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         hu = self._user_side(users) * self.output.weight[0]
@@ -395,6 +400,14 @@ class _Tower(nn.Module):
     def forward(self, pu: torch.Tensor, qi: torch.Tensor) -> torch.Tensor:
         return self.rest(torch.relu(self.first_user(pu) + self.first_item(qi)))
 
+    def forward_looked(self, user_emb: nn.Embedding, users: torch.Tensor,
+                       item_emb: nn.Embedding, items: torch.Tensor) -> torch.Tensor:
+        """``forward`` on the rows ``users`` and ``items`` of the two tables, with each
+        side's first layer applied once per distinct row in row-compact training
+        (``family.look_side``)."""
+        return self.rest(torch.relu(look_side(user_emb, users, self.first_user)
+                                    + look_side(item_emb, items, self.first_item)))
+
     def forward_items(self, pu: torch.Tensor, items: torch.Tensor, table: torch.Tensor
                       ) -> torch.Tensor:
         """Like forward(pu, table[items]) but projects the item table once and gathers the
@@ -441,7 +454,7 @@ class MLP(_Base):
         if not self.training and items.numel() > 4 * self.n_items:
             return self.tower.forward_items(_look(self.user_mlp, users), items,
                                             self.item_mlp.weight)
-        return self.tower(_look(self.user_mlp, users), _look(self.item_mlp, items))
+        return self.tower.forward_looked(self.user_mlp, users, self.item_mlp, items)
 
     def item_vectors(self) -> torch.Tensor:
         return self.item_mlp.weight.detach()
@@ -492,7 +505,7 @@ class NeuMF(_Base):
             h = self.tower.forward_items(_look(self.user_mlp, users), items,
                                          self.item_mlp.weight)
         else:
-            h = self.tower(_look(self.user_mlp, users), _look(self.item_mlp, items))
+            h = self.tower.forward_looked(self.user_mlp, users, self.item_mlp, items)
         m = h @ w[self.gmf_dim:]
         return self._out(g + m + self.predict.bias[0] + self._bias(users, items))
 

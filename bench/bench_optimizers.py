@@ -8,10 +8,11 @@ for a fixed number of epochs. This is the situation where ``--optimizer auto`` p
 sparse_adam (user + item rows > 16 x batch).
 
 - ``--model mf`` (explicit, dim 128, lr 1e-2, batch 2048, reg 0.1): validation RMSE.
+- ``--model deepmf`` (explicit), or any model with ``--task explicit``: validation RMSE.
 - ``--model neumf`` / ``gmf`` / ``mlp`` (implicit presets): validation HR@10 of each held-out
   pair against 99 items drawn uniformly (a fixed draw; the NCF protocol's shape).
 
-    python bench/bench_optimizers.py [--model mf] [--ratings 2000000] [--users 70000]
+    python bench/bench_optimizers.py [--model mf] [--task explicit] [--ratings 2000000] [--users 70000]
 """
 from __future__ import annotations
 
@@ -34,10 +35,11 @@ def main() -> None:
     ap = data_args(__doc__, 2_000_000)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--model", default="mf")
+    ap.add_argument("--task", default=None, help="default: the family's own")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    cfg0 = TrainConfig(model=args.model, lr_schedule="none").resolved()
+    cfg0 = TrainConfig(model=args.model, task=args.task, lr_schedule="none").resolved()
     data = synthetic(args.ratings, args.users, args.items, 0, torch.device("cpu"), cfg0.task)
     out = Path(__file__).resolve().parent / "out" / "bench_optimizers"
     g = torch.Generator().manual_seed(1)
@@ -48,8 +50,8 @@ def main() -> None:
           f"x {args.items:,} items; {args.model} preset ({cfg0.task}, batch "
           f"{cfg0.batch_size}), constant lr")
     for name in ("adam", "sparse_adam"):
-        t = Trainer(TrainConfig(model=args.model, optimizer=name, lr_schedule="none").resolved(),
-                    data, out, "bench")
+        t = Trainer(TrainConfig(model=args.model, task=cfg0.task, optimizer=name,
+                                lr_schedule="none").resolved(), data, out, "bench")
         cells = []
         for _ in range(args.epochs):
             t0 = time.perf_counter()

@@ -7,7 +7,9 @@ tensors stage 60 trains on, then times:
   1. explicit biased MF, k = the preset's 128 (--mf-dim): training ratings/s over one epoch
      (target >= 3M/s, 2 CPU cores), for each --mf-runs OPTIMIZER:BATCH (rowsgd ignores the
      batch: one step per rating)
-  2. NeuMF with 4 sampled negatives: training samples/s (positives + negatives; >= 1M/s)
+  2. NeuMF with 4 sampled negatives: training samples/s (positives + negatives; >= 1M/s);
+     with --pair-models, each MODEL:TASK at its preset as stage 60 resolves it for the data
+     (the optimizer auto picks, the batch --batch-scale gives)
   3. sampled-candidate evaluation of 70k users x 100 candidates (HR@10/NDCG@10; < 2 s)
 
     python bench/bench_train.py                      # the issue's sizes
@@ -17,6 +19,9 @@ tensors stage 60 trains on, then times:
         --optimizer sparse_adam --batch-size 32768 --neumf-positives 300000 --sparse-paths
     python bench/bench_train.py --skip neumf eval --rounds 2 \
         --mf-runs adam:65536 sparse_adam:65536 adam:2048 sparse_adam:2048
+    python bench/bench_train.py --users 480189 --items 17770 --skip mf neumf eval \
+        --neumf-positives 200000 --rounds 2 --pair-models gmf:implicit mlp:implicit \
+        neumf:implicit deepmf:explicit deepmf:implicit gmf:explicit mlp:explicit neumf:explicit
 """
 from __future__ import annotations
 
@@ -125,6 +130,11 @@ def main() -> None:
     ap.add_argument("--mf-dim", type=int, default=preset("mf", "explicit")["dim"],
                     help="MF factors (default: the mf explicit preset's)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the MF settings this often")
+    ap.add_argument("--pair-models", nargs="*", default=[], metavar="MODEL:TASK",
+                    help="families timed at their presets as stage 60 resolves them for "
+                         "this data (--optimizer auto, --batch-scale), over the first "
+                         "--neumf-positives positives, e.g. gmf:implicit mlp:implicit "
+                         "neumf:implicit deepmf:explicit; --rounds times, interleaved")
     ap.add_argument("--skip", nargs="*", default=[], choices=["mf", "neumf", "eval"])
     ap.add_argument("--sparse-paths", action="store_true",
                     help="with --optimizer sparse_adam: time NeuMF's embedding updates both "
@@ -159,6 +169,23 @@ def main() -> None:
                       f"ratings in {secs:.2f}s = {n / secs / 1e6:.2f}M ratings/s "
                       f"(target >= 3M/s), loss {loss:.4f}")
         del data
+
+    by_task: dict[str, Data] = {}
+    for rnd in range(args.rounds if args.pair_models else 0):
+        for spec in args.pair_models:
+            name, task = spec.split(":")
+            if task not in by_task:
+                by_task[task] = synthetic(args.ratings, args.users, args.items, 0, dev, task)
+            d = by_task[task]
+            final = for_data(TrainConfig(model=name, task=task, device=args.device
+                                         ).resolved(device=d.device), d)
+            secs, n, loss, chosen = time_epoch(d, final, out, args.neumf_positives)
+            pos = min(args.neumf_positives or len(d.train), len(d.train))
+            print(f"[{name} {task} at its preset: {chosen}, batch {final.batch_size}] "
+                  f"{n:,} samples ({pos:,} positives) in {secs:.2f}s = "
+                  f"{n / secs / 1e6:.2f}M samples/s, {pos / secs / 1e6:.2f}M positives/s "
+                  f"(target >= 1M samples/s), loss {loss:.4f}", flush=True)
+    by_task.clear()
 
     if "neumf" not in args.skip:
         data = synthetic(args.ratings, args.users, args.items, 0, dev, "implicit")

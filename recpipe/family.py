@@ -78,6 +78,16 @@ def family(name: str) -> type["Family"]:
     return REGISTRY[name]
 
 
+def _compact_leaf(emb: nn.Embedding, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-compact lookup (``emb.compact`` set): the distinct rows of ``idx`` gathered into a
+    leaf tensor of their own, recorded as ``(rows, leaf)`` in ``emb.compact``; returns the
+    leaf and each element's row in it."""
+    rows, inv = torch.unique(idx.reshape(-1), return_inverse=True)
+    leaf = emb.weight.detach().index_select(0, rows).requires_grad_()
+    emb.compact.append((rows, leaf))
+    return leaf, inv
+
+
 def look(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
     """Rows ``idx`` (any shape) of an embedding table.
 
@@ -89,14 +99,11 @@ def look(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
     CPU than ``nn.Embedding``'s; sparse tables go through the module (sparse gradients). When
     the trainer sets ``emb.captured`` to a list, the looked-up rows are appended to it (the
     row L2 on the rows a batch used)."""
-    compact = getattr(emb, "compact", None)
-    if compact is not None:
+    if getattr(emb, "compact", None) is not None:
         # row-compact training (the trainer's sparse_adam path): the distinct rows become a
         # leaf of their own, so backward yields [rows, dim] gradients for step_rows, with no
         # sparse tensor to coalesce and no pass over the table
-        rows, inv = torch.unique(idx.reshape(-1), return_inverse=True)
-        leaf = emb.weight.detach().index_select(0, rows).requires_grad_()
-        compact.append((rows, leaf))
+        leaf, inv = _compact_leaf(emb, idx)
         out = leaf.index_select(0, inv).view(*idx.shape, emb.embedding_dim)
     elif emb.sparse:
         out = emb(idx)
@@ -106,6 +113,23 @@ def look(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
     if cap is not None:
         cap.append(out)
     return out
+
+
+def look_side(emb: nn.Embedding, idx: torch.Tensor, side) -> torch.Tensor:
+    """``side(look(emb, idx))`` for a ``side`` that transforms each row on its own (a
+    tower's first layer, no dropout). In row-compact training ``side`` runs once per
+    distinct row and its outputs are gathered: with sampled negatives every user of a batch
+    repeats 1 + n_negatives times, and a batch of 32k samples holds far fewer distinct
+    items than samples, so most of the layer's work goes. Elsewhere (dense tables,
+    evaluation) it is exactly ``side(look(emb, idx))``."""
+    if getattr(emb, "compact", None) is None:
+        return side(look(emb, idx))
+    leaf, inv = _compact_leaf(emb, idx)
+    cap = getattr(emb, "captured", None)
+    if cap is not None:                   # the row L2 is per sample: the gathered rows
+        cap.append(leaf.index_select(0, inv).view(*idx.shape, emb.embedding_dim))
+    out = side(leaf)
+    return out.index_select(0, inv).view(*idx.shape, out.shape[-1])
 
 
 class Family(nn.Module):

@@ -390,14 +390,20 @@ def test_keyset_bitmap_matches_binary_search():
     q = torch.randint(0, 70 * 53, (500, 3))
     q[:100, 0] = keys[:100]                       # certainly members
     bitmap, search = KeySet(keys, 70 * 53), KeySet(keys, 70 * 53, max_bytes=0)
-    assert bitmap.bits is not None and search.bits is None
+    # a key space larger than max_bytes bits: a filter on the keys' low 11 bits, then the
+    # binary search for the queries whose bit is set
+    filt = KeySet(keys, 70 * 53, max_bytes=256)
+    assert bitmap.bits is not None and bitmap.exact and search.bits is None
+    assert not filt.exact and filt.bits.numel() == 256 and filt.mask == 2047
     want = is_member(keys, q)
     assert want[:100, 0].all() and not want.all()
-    assert torch.equal(bitmap.contains(q), want) and torch.equal(search.contains(q), want)
+    assert not (filt.bits == 255).all()           # the filter does rule some queries out
+    for ks in (bitmap, search, filt):
+        assert torch.equal(ks.contains(q), want)
     u = data.train.users[:200]
     negs = [sample_negatives(u, 53, 4, k, torch.Generator().manual_seed(3))
-            for k in (keys, bitmap)]
-    assert torch.equal(negs[0], negs[1])
+            for k in (keys, bitmap, filt)]
+    assert torch.equal(negs[0], negs[1]) and torch.equal(negs[0], negs[2])
     assert not is_member(keys, u[:, None] * 53 + negs[0]).any()
 
 
