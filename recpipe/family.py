@@ -82,7 +82,17 @@ def _compact_leaf(emb: nn.Embedding, idx: torch.Tensor) -> tuple[torch.Tensor, t
     """Row-compact lookup (``emb.compact`` set): the distinct rows of ``idx`` gathered into a
     leaf tensor of their own, recorded as ``(rows, leaf)`` in ``emb.compact``; returns the
     leaf and each element's row in it."""
-    rows, inv = torch.unique(idx.reshape(-1), return_inverse=True)
+    # tables looked up with the same index tensor in one forward (NeuMF's GMF and MLP user
+    # tables, its two item tables) share one unique: the trainer hands every table the same
+    # ``compact_keys`` dict for the step
+    keys = getattr(emb, "compact_keys", None)
+    hit = keys.get(id(idx)) if keys is not None else None
+    if hit is not None and hit[0] is idx:
+        rows, inv = hit[1], hit[2]
+    else:
+        rows, inv = torch.unique(idx.reshape(-1), return_inverse=True)
+        if keys is not None:
+            keys[id(idx)] = (idx, rows, inv)       # idx kept alive: its id stays its own
     leaf = emb.weight.detach().index_select(0, rows).requires_grad_()
     emb.compact.append((rows, leaf))
     return leaf, inv

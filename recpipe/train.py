@@ -337,8 +337,10 @@ class Trainer:
         """Turn on row-compact lookups for the next forward (``family.look`` appends
         (rows, leaf) of each lookup to the table's ``compact`` list)."""
         if on:
+            keys: dict = {}                     # one unique per index tensor (family.py)
             for m in self.model.row_sparse_tables():
                 m.compact = []
+                m.compact_keys = keys
         return on
 
     def _compact_updates(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -347,7 +349,7 @@ class Trainer:
         updates = []
         for m in self.model.row_sparse_tables():
             looked = [(r, leaf.grad) for r, leaf in m.compact if leaf.grad is not None]
-            m.compact = None
+            m.compact = m.compact_keys = None
             if len(looked) == 1:
                 updates.append((m.weight, *looked[0]))
             elif looked:                        # several lookups of one table: sum by row

@@ -356,6 +356,27 @@ def test_mf_fast_path_trains_like_autograd(tmp_path, optimizer, reg):
                            Trainer(cfg, data, tmp_path, "t").model.user_factors.weight)
 
 
+def test_row_compact_tables_with_one_index_share_its_unique(tmp_path):
+    """NeuMF looks its GMF and MLP user tables up with the same users (and its two item
+    tables with the same items): in row-compact training the distinct rows are computed once
+    per index tensor, and each table still gets its own leaf."""
+    data = _synthetic_data("implicit")
+    cfg = TrainConfig(model="neumf", task="implicit", batch_size=256, dim=8, layers=[16, 8],
+                      optimizer="sparse_adam", n_negatives=2).resolved()
+    t = Trainer(cfg, data, tmp_path, "test")
+    assert t._compact(True)
+    m = t.model
+    u, i = data.train.users[:50], data.train.items[:50]
+    m(u, i)
+    (ru, lu), = m.user_gmf.compact
+    (rv, lv), = m.user_mlp.compact
+    (ri, li), = m.item_gmf.compact
+    assert ru is rv and ri is m.item_mlp.compact[0][0] and ru is not ri
+    assert lu is not lv and lu.shape[1] == 8 and lv.shape[1] == m.user_mlp.embedding_dim
+    assert torch.equal(ru, torch.unique(u)) and torch.equal(ri, torch.unique(i))
+    t.l2.close()
+
+
 @pytest.mark.parametrize("model,task", [("neumf", "implicit"), ("gmf", "explicit"),
                                         ("deepmf", "explicit"), ("mlp", "implicit")])
 def test_row_compact_sparse_adam_steps_like_sparse_gradients(tmp_path, model, task):
