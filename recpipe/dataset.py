@@ -252,19 +252,28 @@ def exclusion_rows(csr: sp.csr_matrix, users: np.ndarray, device: torch.device
             torch.from_numpy(sub.col.astype(np.int64)).to(device))
 
 
-def with_valid_in_train(data: Data) -> Data:
-    """``data`` whose train part also holds the validation interactions (for the refit)."""
+def with_valid_in_train(data: Data, keys: bool = True, csr: bool = True) -> Data:
+    """``data`` whose train part also holds the validation interactions (for the refit).
+
+    ``keys`` / ``csr``: build the merged ``train_keys`` (sampled negatives need them) and
+    ``train_csr`` (closed-form fits); when not asked for they are None, so that nothing can
+    read the train-only ones by mistake. At 100M ratings each costs a sort or a sparse sum of
+    91M entries, about 0.7 GB held and more while it is built."""
     t, v = data.train, data.valid
     train = Part(users=torch.cat([t.users, v.users]), items=torch.cat([t.items, v.items]),
                  ratings=torch.cat([t.ratings, v.ratings]))
-    vk = v.users * data.n_items + v.items
-    keys = torch.unique(torch.cat([data.train_keys, vk]))          # sorted
-    vcsr = sp.csr_matrix((np.ones(len(v), dtype=np.float32),
-                          (v.users.cpu().numpy(), v.items.cpu().numpy())),
-                         shape=(data.n_users, data.n_items))
-    csr = (data.train_csr + vcsr).tocsr()
-    csr.data[:] = 1.0
-    return dataclasses.replace(data, train=train, train_keys=keys, train_csr=csr)
+    merged_keys = merged_csr = None
+    if keys:
+        vk = v.users * data.n_items + v.items
+        merged_keys = torch.unique(torch.cat([data.train_keys, vk]))          # sorted
+    if csr:
+        vcsr = sp.csr_matrix((np.ones(len(v), dtype=np.float32),
+                              (v.users.cpu().numpy(), v.items.cpu().numpy())),
+                             shape=(data.n_users, data.n_items))
+        merged_csr = (data.train_csr + vcsr).tocsr()
+        merged_csr.data[:] = 1.0
+    return dataclasses.replace(data, train=train, train_keys=merged_keys,
+                               train_csr=merged_csr)
 
 
 def sample_users(data: Data, part: str, n: int, seed: int) -> tuple[Data, int, int]:

@@ -600,7 +600,11 @@ def refit(cfg: TrainConfig, data: Data, trainer: Trainer, out_dir: Path) -> torc
     learning rates the selection run used in those epochs: ``fit`` with those factors."""
     factors = [float(h["lr"]) / cfg.lr if cfg.lr else 1.0
                for h in trainer.history[:trainer.best_epoch]]
-    t2 = Trainer(cfg, with_valid_in_train(data), out_dir, trainer.command, is_refit=True)
+    # the merged keys and CSR only where the refit reads them: sampled negatives, a closed
+    # form (the test is evaluated on ``data``, not on the merged copy)
+    merged = with_valid_in_train(data, keys=trainer.objective.samples_per_positive > 1,
+                                 csr=not trainer.by_epochs)
+    t2 = Trainer(cfg, merged, out_dir, trainer.command, is_refit=True)
     try:
         trainer.train_seconds += t2.fit(lr_factors=factors)
     finally:
@@ -737,6 +741,9 @@ def _train_and_test(cfg: TrainConfig, data: Data, out_dir: Path, command: str,
     # the selected model on validation; then (refit) the same recipe on train + valid;
     # the test split is evaluated once, with the final model
     trainer.model.load_state_dict(trainer.best_state)
+    # the model now holds the selected weights, and nothing trains it again: its own tensors
+    # stand for best_state (selected.pt), not a second copy of every table
+    trainer.best_state = {k: v.detach() for k, v in trainer.model.state_dict().items()}
     # the final validation and the test: every user, or the stated sample of --test-users
     # (metrics.json: test_users of test_users_total, and every metric's 95% interval)
     final_data, n_eval, n_total = data, {}, {}
