@@ -215,8 +215,8 @@ class KeySet:
         hit = ((byte >> (k & 7).to(torch.uint8)) & 1).bool()
         if self.exact:
             return hit
-        maybe = hit.reshape(-1).nonzero().squeeze(1)            # the filter's candidates
-        flat = hit.reshape(-1)
+        flat = hit.reshape(-1)                                  # a view: written through
+        maybe = flat.nonzero().squeeze(1)                       # the filter's candidates
         flat[maybe] = is_member(self.keys, keys.reshape(-1).index_select(0, maybe))
         return hit
 

@@ -30,6 +30,11 @@ class Objective:
     samples_per_positive = 1
     needs_ratings = False          # its targets are ratings (data without them is refused)
 
+    @property
+    def draws_negatives(self) -> bool:
+        """Each positive comes with sampled negatives (which read the train keys)."""
+        return self.samples_per_positive > 1
+
     def expand(self, users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
                keyset: KeySet | None, n_items: int, generator: torch.Generator | None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -96,7 +96,7 @@ class Trainer:
                                   n_negatives=cfg.n_negatives)
         # rows without train data are scored by a baseline (family.py): record them
         self.model.learn_fallback(data.train, self.objective.needs_ratings,
-                                  self.objective.samples_per_positive > 1)
+                                  self.objective.draws_negatives)
         self.by_epochs = self.cls.fit_by == "epochs"
         if cfg.optimizer == "rowsgd":
             self._check_rowsgd()
@@ -602,7 +602,7 @@ def refit(cfg: TrainConfig, data: Data, trainer: Trainer, out_dir: Path) -> torc
                for h in trainer.history[:trainer.best_epoch]]
     # the merged keys and CSR only where the refit reads them: sampled negatives, a closed
     # form (the test is evaluated on ``data``, not on the merged copy)
-    merged = with_valid_in_train(data, keys=trainer.objective.samples_per_positive > 1,
+    merged = with_valid_in_train(data, keys=trainer.objective.draws_negatives,
                                  csr=not trainer.by_epochs)
     t2 = Trainer(cfg, merged, out_dir, trainer.command, is_refit=True)
     try:
@@ -743,7 +743,7 @@ def _train_and_test(cfg: TrainConfig, data: Data, out_dir: Path, command: str,
     trainer.model.load_state_dict(trainer.best_state)
     # the model now holds the selected weights, and nothing trains it again: its own tensors
     # stand for best_state (selected.pt), not a second copy of every table
-    trainer.best_state = {k: v.detach() for k, v in trainer.model.state_dict().items()}
+    trainer.best_state = trainer.model.state_dict()
     # the final validation and the test: every user, or the stated sample of --test-users
     # (metrics.json: test_users of test_users_total, and every metric's 95% interval)
     final_data, n_eval, n_total = data, {}, {}
