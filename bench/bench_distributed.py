@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -72,7 +73,6 @@ def train(data_dir: Path, model: str, nproc: int, epochs: int, extra: list[str])
     metrics = json.loads((out / "metrics.json").read_text())
     hist = [line.split(",") for line in (out / "history.csv").read_text().splitlines()]
     col = hist[0].index("samples_per_s")
-    import re
     picked = re.search(r"--optimizer auto: (\w+)", proc.stderr + proc.stdout)
     return {"wall": wall, "metrics": metrics, "optimizer": picked and picked.group(1),
             "samples_per_s": [float(r[col]) for r in hist[1:]]}
