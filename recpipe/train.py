@@ -35,7 +35,7 @@ import shlex
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -46,7 +46,7 @@ from .checkpoint import load_model, resolve_device, rng_state, save, set_rng_sta
 from .cli import (PipelineError, command_line, config_dict, keep_freed_memory, parse_config,
                   print_config, progress_disabled, set_seed)
 from .dataset import STAGE40, Data, KeySet, load_data, sample_users, with_valid_in_train
-from . import distributed
+from . import distributed, tune
 from .distributed import derived_seed, table_names
 from .evaluation import evaluate, metric_line, selection_metric
 from .family import Family, family
@@ -68,7 +68,8 @@ DESCRIPTION = ("Train a recommendation model on stage 40's sparse matrices. Opti
 
 # configuration keys a resumed run may change: they do not alter what was trained so far
 _RESUME_FREE = {"epochs", "resume", "device", "threads", "eval_batch", "max_seconds", "refit",
-                "patience", "data_dir", "test_users", "dist_backend", "dist_timeout"}
+                "patience", "data_dir", "test_users", "dist_backend", "dist_timeout",
+                "tune_seconds"}
 
 
 class Trainer:
@@ -122,6 +123,8 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.first_loss: float | None = None
         self.train_seconds = 0.0
+        # --tune: called after every epoch with (epoch, best so far); True ends the run
+        self.on_epoch: Callable[[int, float], bool] | None = None
         self.use_amp = cfg.amp and self.dev.type == "cuda"
         self.epoch_factor = 1.0
         self._keyset: KeySet | None = None     # train-key membership for negatives
@@ -508,6 +511,8 @@ class Trainer:
                      self.epoch, loss, self.metric, v, mark, secs, row["samples_per_s"])
             self.save_checkpoint()
             self._write_history()
+            if self.on_epoch is not None and self.on_epoch(self.epoch, self.best):
+                break
         self._fused_scratch.clear()             # rowsgd's copy of the ratings (a refit
         if not refit:                           # builds its own from train + valid)
             self._warn_if_constant()
@@ -633,6 +638,14 @@ def run(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     rated = int((up40.get("nnz") or {}).get("train", 1)) > 0
     cls = family(cfg.model)
     task = decide_task(cfg.task, cls, up40.get("task"), rated)
+    # --tune searches only what the command line left to the preset
+    given = {k for k in tune.TUNABLE if getattr(cfg, k) is not None}
+    if cfg.tune and dist.multi:
+        raise PipelineError("--tune runs in one process: search with plain python, then pass "
+                            "the chosen values (metrics.json, tune) to the torchrun run")
+    if cfg.tune and cls.fit_by != "epochs":
+        raise PipelineError(f"--tune: --model {cfg.model} is fitted in closed form and "
+                            f"already chooses its --reg on validation (one fit per candidate)")
     cfg = dataclasses.replace(cfg, task=task).resolved(device=dev, one_process=not dist.multi)
     print_config(cfg, PROG)
     data = load_data(cfg.data_dir, cfg.task, dev)
@@ -647,12 +660,12 @@ def run(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
         if not dist.leader:
             # rank 0 holds the lock and writes; the others train and evaluate with it
             dist.barrier()
-            metrics = _train_and_test(cfg, data, work, command, up40)[0]
+            metrics = _train_and_test(cfg, data, work, command, up40, given)[0]
         else:
             with StageOutput(cfg.data_dir, f"{STAGE}/{cfg.model}", work_dir=work) as out:
                 _prepare_work(work, final_dir, cfg.resume)
                 dist.barrier()             # the work folder (and its checkpoint) is ready
-                metrics, manifest = _train_and_test(cfg, data, work, command, up40)
+                metrics, manifest = _train_and_test(cfg, data, work, command, up40, given)
                 out.commit(manifest)
         dist.barrier()                     # the ranks leave together, after the commit
         return metrics
@@ -704,14 +717,37 @@ def _prepare_work(work: Path, final_dir: Path, resume: bool) -> None:
     ck = work / "checkpoint.pt"
     if resume and not ck.exists() and (final_dir / "checkpoint.pt").exists():
         shutil.copy2(final_dir / "checkpoint.pt", ck)
-        if (final_dir / "history.csv").exists():
-            shutil.copy2(final_dir / "history.csv", work / "history.csv")
+        for name in ("history.csv", tune.RESULT, tune.TABLE):
+            if (final_dir / name).exists():
+                shutil.copy2(final_dir / name, work / name)
+
+
+def _trial_runner(data: Data, command: str):
+    """--tune's trial: one selection run (no refit, no test), its epoch logs quieted."""
+    def run_trial(tcfg: TrainConfig, trial_dir: Path, on_epoch: Callable[[int, float], bool]
+                  ) -> tuple[float, int, int]:
+        level = log.level
+        log.setLevel(logging.WARNING)
+        t = Trainer(tcfg, data, trial_dir, command)
+        t.on_epoch = on_epoch
+        try:
+            t.fit()
+        finally:
+            t.l2.close()
+            log.setLevel(level)
+        return t.best, t.best_epoch, t.epoch
+    return run_trial
 
 
 def _train_and_test(cfg: TrainConfig, data: Data, out_dir: Path, command: str,
-                    up40: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Selection on validation, the refit, the one test evaluation; writes every file of
-    the stage into ``out_dir`` and returns (metrics.json, the manifest to commit)."""
+                    up40: dict[str, Any], given: set[str] = frozenset()
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(--tune: the search on validation,) selection on validation, the refit, the one test
+    evaluation; writes every file of the stage into ``out_dir`` and returns (metrics.json,
+    the manifest to commit)."""
+    searched = None
+    if cfg.tune:
+        cfg, searched = tune.search(cfg, data, out_dir, given, _trial_runner(data, command))
     trainer = Trainer(cfg, data, out_dir, command)
     cfg = trainer.cfg                          # with the data-dependent choices made
     if cfg.resume:
@@ -740,6 +776,10 @@ def _train_and_test(cfg: TrainConfig, data: Data, out_dir: Path, command: str,
                             f"the validation split of {cfg.data_dir}/{STAGE40}")
     # the selected model on validation; then (refit) the same recipe on train + valid;
     # the test split is evaluated once, with the final model
+    if searched and abs(trainer.best - searched["best_value"]) > 1e-6:
+        log.warning("--tune: the selection run reached valid %s %.6f, its trial %.6f: "
+                    "training is not deterministic here", trainer.metric, trainer.best,
+                    searched["best_value"])
     trainer.model.load_state_dict(trainer.best_state)
     # the model now holds the selected weights, and nothing trains it again: its own tensors
     # stand for best_state (selected.pt), not a second copy of every table
@@ -796,13 +836,16 @@ def _train_and_test(cfg: TrainConfig, data: Data, out_dir: Path, command: str,
                # torchrun: world size, backend, devices, bytes per step, replica checksums
                "distributed": described or {"world_size": 1, "backend": "none",
                                             "devices": [str(data.device)]}}
+    if searched:
+        metrics["tune"] = searched
     write_json(out_dir / "metrics.json", metrics)
     manifest = {
         "stage": STAGE, "model": cfg.model, "task": cfg.task,
         "n_users": data.n_users, "n_items": data.n_items, "dataset": up40.get("dataset"),
         "best_epoch": trainer.best_epoch, "valid": valid, "test": test,
         "files": ["model.pt", "checkpoint.pt", "history.csv", "metrics.json", "curve.png"]
-        + (["selected.pt"] if cfg.refit else []),
+        + (["selected.pt"] if cfg.refit else [])
+        + ([tune.TABLE, tune.RESULT] if searched else []),
         "config": config_dict(cfg), "command": command,
         "upstream": upstream_entry(cfg.data_dir, STAGE40)}
     log.info("best epoch %d of %d (validation %s)", trainer.best_epoch, trainer.epoch,

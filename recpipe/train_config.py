@@ -110,6 +110,16 @@ class TrainConfig:
                           "(test_users of test_users_total) and each metric's 95%% interval")
     max_seconds: float = opt(0.0, "stop training after this many seconds (0 = no limit); "
                              "the best epoch so far is kept")
+    tune: int = opt(0, "search the preset's hyperparameters on the validation split "
+                    "with this many trials (Optuna TPE, seeded by --seed, median pruning; "
+                    "trial 0 is the preset), then train, refit and test with the best; only "
+                    "options not given on the command line are searched (recpipe/tune.py "
+                    "gives the ranges; tune.csv and metrics.json record the search); 0 = off")
+    tune_params: Optional[list[str]] = opt(None, "--tune: search only these options (of lr "
+                                           "reg dim hidden layers dropout n_negatives); "
+                                           "default: all that the model reads")
+    tune_seconds: float = opt(0.0, "--tune: stop starting trials after this many seconds "
+                              "(0 = run all --tune trials)")
     dist_backend: str = opt("auto", "under torchrun: the torch.distributed backend, auto "
                             "(nccl on CUDA, gloo on the CPU), gloo or nccl (ignored without "
                             "torchrun; docs/distributed.md)", choices=["auto", "gloo", "nccl"])
@@ -134,6 +144,11 @@ class TrainConfig:
         if not (self.dist_timeout > 0 and math.isfinite(self.dist_timeout)):
             raise PipelineError(f"--dist-timeout must be a positive number of seconds, got "
                                 f"{self.dist_timeout}")
+        if self.tune < 0 or not (self.tune_seconds >= 0 and math.isfinite(self.tune_seconds)):
+            raise PipelineError(f"--tune must be >= 0 trials and --tune-seconds >= 0, got "
+                                f"{self.tune} and {self.tune_seconds}")
+        if self.tune_params is not None and not self.tune:
+            raise PipelineError("--tune-params applies to a search: add --tune N (trials)")
         if self.test_users < 0:
             raise PipelineError(f"--test-users must be >= 0 (0 = all), got {self.test_users}")
         if self.valid_users < 0:
