@@ -101,15 +101,12 @@ def rmse_mae(pred: torch.Tensor, target: torch.Tensor, scale: tuple[float, float
     return {"rmse": float(err.square().mean().sqrt()), "mae": float(err.abs().mean())}
 
 
-def sampled_rank_metrics(scores: torch.Tensor, items: torch.Tensor | None = None,
-                         ks: tuple[int, ...] = (10,), intervals: bool = False
-                         ) -> dict[str, Any]:
-    """HR@k and NDCG@k over a [users, 1 + N] candidate score matrix (column 0 the positive).
-
-    ``items`` ([users, 1 + N] item ids) lets columns that repeat the positive's item be
-    dropped (see the module docstring for the tie rule). ``intervals``: also each metric's
-    ``_n`` (rows) and ``_ci`` (95%, over the rows).
-    """
+def sampled_rank_rows(scores: torch.Tensor, items: torch.Tensor | None = None,
+                      ks: tuple[int, ...] = (10,)) -> dict[str, torch.Tensor]:
+    """Per-row HR@k and NDCG@k (float [users] tensors, keys ``hr@k`` / ``ndcg@k``) of a
+    [users, 1 + N] candidate score matrix (column 0 the positive); ``items`` ([users, 1 + N]
+    item ids) lets columns that repeat the positive's item be dropped (see the module
+    docstring for the tie rule). ``sampled_rank_metrics`` averages these rows."""
     if scores.dim() != 2 or scores.shape[1] < 2:
         raise ValueError(f"scores must be [users, 1 + N] with N >= 1, got {tuple(scores.shape)}")
     scores = scores.float()
@@ -117,19 +114,30 @@ def sampled_rank_metrics(scores: torch.Tensor, items: torch.Tensor | None = None
     neg = scores[:, 1:]
     if items is not None:
         neg = neg.masked_fill(items[:, 1:] == items[:, :1], NEG_INF)
-    out: dict[str, float] = {}
+    out: dict[str, torch.Tensor] = {}
     kmax = min(max(ks), neg.shape[1])
     top = neg.topk(kmax, dim=1).values                       # [U, kmax], descending
     for k in ks:
         kk = min(k, neg.shape[1])
         ahead = (top[:, :kk] >= pos).sum(1)                  # negatives ranked at or above
         hit = ahead < k
-        per_row = {f"hr@{k}": hit.float(),
-                   f"ndcg@{k}": hit.float() / torch.log2(ahead.float() + 2)}
-        for key, v in per_row.items():
-            out[key] = float(v.mean())
-            if intervals:
-                out[f"{key}_n"], out[f"{key}_ci"] = mean_interval(v)
+        out[f"hr@{k}"] = hit.float()
+        out[f"ndcg@{k}"] = hit.float() / torch.log2(ahead.float() + 2)
+    return out
+
+
+def sampled_rank_metrics(scores: torch.Tensor, items: torch.Tensor | None = None,
+                         ks: tuple[int, ...] = (10,), intervals: bool = False
+                         ) -> dict[str, Any]:
+    """HR@k and NDCG@k over a [users, 1 + N] candidate score matrix (column 0 the positive):
+    the means of ``sampled_rank_rows``. ``intervals``: also each metric's ``_n`` (rows) and
+    ``_ci`` (95%, over the rows).
+    """
+    out: dict[str, Any] = {}
+    for key, v in sampled_rank_rows(scores, items, ks).items():
+        out[key] = float(v.mean())
+        if intervals:
+            out[f"{key}_n"], out[f"{key}_ci"] = mean_interval(v)
     return out
 
 
