@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# Reproduces the quality table of the README: every stage on the real data in ../shared/data,
-# with the presets. Usage: bash bench/quality.sh [WORK_DIR]   (2 minutes on 2 idle cores before ease, autorec and multvae joined; far longer on busy cores)
+# Reproduces the README's results table: stages 10-40 on the real data in ../shared/data (the
+# seeded splits), then every model at its preset, trained once per seed of SEEDS (default
+# 0 1 2 3 4) on the same split by bench/seeds.py, which prints each model's test metric as
+# mean and std over the seeds and the paired-bootstrap 95% interval of each pair's
+# difference; then each model's seed-0 run with its 95% interval and pair counts, and the
+# peer (Surprise SVD, defaults) on the same test pairs when scikit-surprise is installed
+# (pip install -r bench/requirements.txt).
+# Usage: [SEEDS="0"] bash bench/quality.sh [WORK_DIR]
+# (about 30 minutes with five seeds on 2 idle cores; SEEDS=0 for one run per model)
 W=${1:-bench/out/quality}
+SEEDS=${SEEDS:-0 1 2 3 4}
 source "$(dirname "$0")/lib.sh"
 show() { $PY - "$1" "$2" <<'PY'
 import json, sys
 m = json.load(open(sys.argv[1]))
-print(sys.argv[2], m["config"]["model"], "best_epoch", m["best_epoch"], "train_s",
-      round(m["train_seconds"], 1))
+print(sys.argv[2], m["config"]["model"], "seed", m["config"]["seed"], "best_epoch",
+      m["best_epoch"], "train_s", round(m["train_seconds"], 1))
 for part in ("valid", "test"):
     d = m[part]
     cells = [f"{k} {v:.4f}" + (f" [{d[k + '_ci'][0]:.4f}, {d[k + '_ci'][1]:.4f}]"
@@ -17,18 +25,32 @@ for part in ("valid", "test"):
     print(f"  {part:5s}", "; ".join(cells), counts)
 PY
 }
+seeds() {  # DIR NAME PAIRS MODELS...
+  local D=$1 name=$2 pairs=$3; shift 3
+  $PY bench/seeds.py --data-dir "$D" --models "$@" --seeds $SEEDS --pairs $pairs \
+    --out "$W/seeds/$name.json"
+  local first=${SEEDS%% *}
+  for m in "$@"; do show "$W/seeds/$name/$m/seed$first.metrics.json" "$name:"; done
+}
+peer() {  # DIR NAME
+  if $PY -c "import surprise" 2>/dev/null; then
+    echo "$2, peer on the same test pairs:"
+    $PY bench/bench_vs_surprise.py --data-dir "$1" --surprise-only | grep Surprise
+  else
+    echo "$2: peer row skipped (scikit-surprise not installed: pip install -r bench/requirements.txt)"
+  fi
+}
 for ds in ml-100k ml-latest-small; do
   D="$W/$ds-random"
   pipeline "$D" --strategy random --seed 42 -- --input "$SHARED/movielens/$ds"
-  models="mf"; [ "$ds" = ml-100k ] && models="mf deepmf autorec"
-  for m in $models; do
-    run $PY 60_train.py --data-dir "$D" --model "$m"
-    show "$D/60_train/$m/metrics.json" "$ds random 90/10:"
-  done
+  seeds "$D" "$ds-random" "deepmf:mf autorec:mf" mf deepmf autorec
+  peer "$D" "$ds-random"
 done
-D="$W/ml-100k-loo"
-pipeline "$D" --strategy loo --negatives 99 --seed 42 -- --input "$SHARED/movielens/ml-100k"
-for m in gmf mlp neumf ease multvae; do
-  run $PY 60_train.py --data-dir "$D" --model "$m"
-  show "$D/60_train/$m/metrics.json" "ml-100k loo+99:"
+# leave-one-out + 99 sampled negatives: ML-100K on the split seed 42, ml-latest-small on 0
+for spec in ml-100k:42 ml-latest-small:0; do
+  ds=${spec%%:*}
+  D="$W/$ds-loo"
+  pipeline "$D" --strategy loo --negatives 99 --seed "${spec##*:}" -- --input "$SHARED/movielens/$ds"
+  seeds "$D" "$ds-loo" "neumf:gmf neumf:ease gmf:ease mlp:ease multvae:ease" \
+    gmf mlp neumf ease multvae
 done

@@ -88,6 +88,7 @@ def score_test_units(data_dir: Path, model_name: str) -> tuple[dict[str, Any], U
     import models as _models  # noqa: F401 - registers the built-in families
     from recpipe.checkpoint import load_model, resolve_device
     from recpipe.dataset import load_data
+    from recpipe.evaluation import history_before
     from recpipe.metrics import sampled_rank_rows
     from recpipe.scoring import predict_pairs, score_candidates
 
@@ -109,13 +110,14 @@ def score_test_units(data_dir: Path, model_name: str) -> tuple[dict[str, Any], U
     with torch.inference_mode():
         if task == "explicit":
             p = data.test
-            pred = predict_pairs(model, p.users, p.items, data.train_csr).float()
+            known = history_before(model, data, "test")
+            pred = predict_pairs(model, p.users, p.items, known).float()
             pred = pred.clamp(*data.rating_scale)
             sq = (pred - p.ratings.float()).double().square()
             units = Units(task, p.users.cpu().numpy(), {"rmse": sq.cpu().numpy()})
         elif "test" in data.candidates:
             cu, ci = data.candidates["test"]
-            scores = score_candidates(model, cu, ci, data.train_csr).float()
+            scores = score_candidates(model, cu, ci, history_before(model, data, "test")).float()
             rows = sampled_rank_rows(scores, ci, ks=(10,))
             units = Units(task, cu.cpu().numpy(),
                           {k: rows[k].double().cpu().numpy() for k in METRICS[task]})

@@ -6,7 +6,8 @@
 #   mls-x2     ml-latest-small with every rating doubled: a 1-10 scale in whole steps
 #   ml100k-x20 ML-100K with every rating times 20: a 20-100 scale
 # Needs bench/requirements.txt (scikit-surprise). Usage: bash bench/unseen_scales.sh [WORK_DIR]
-# (about 1 minute on 2 cores)
+# (about 1 minute on 2 cores, plus Surprise's grid search: GridSearchCV, 36 settings x 3
+# folds per data set, several minutes each)
 W=${1:-bench/out/unseen}
 source "$(dirname "$0")/lib.sh"
 $PY - "$SHARED" "$W" <<'PYEOF'
@@ -26,5 +27,5 @@ pipeline "$W/ml100k-x20" "${SPLIT[@]}" -- --input "$W/ml100k_x20.csv" --format c
   --rating-scale 20 100 --columns u,i,r,t
 for ds in netflix mls-x2 ml100k-x20; do
   echo "== $ds"
-  $PY bench/bench_vs_surprise.py --data-dir "$W/$ds"
+  $PY bench/bench_vs_surprise.py --data-dir "$W/$ds" --grid
 done

@@ -5,7 +5,9 @@ a leave-one-out split also hr@10 / ndcg@10 ranking the sampled candidates by pre
 rating. implicit: hr@10, ndcg@10 over the sampled candidates when stage 40 wrote them, and
 (when ``full``, or when there are no candidates) full ranking over every item the user has
 not interacted with: full_hr@10, full_ndcg@10, full_recall@20. Scoring goes through
-``scoring.py``, the path stage 70 uses too. Metric definitions: ``metrics.py``.
+``scoring.py``, the path stage 70 uses too. Metric definitions: ``metrics.py``. What is known
+when a part is scored (``known_before``): train for valid, train + valid for test; row-input
+families score from it, and rankings leave it out.
 
 Every pair of the part is scored: pairs whose user or item got no training data are scored
 by the model's baseline (global mean + the known side's bias, ``scoring.with_fallback``) and
@@ -25,7 +27,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from .dataset import Data
+from .dataset import Data, weighted_history
 from .distributed import current
 from .metrics import (finish_full, full_rank_metrics, rating_intervals, rmse_mae,
                       sampled_rank_metrics)
@@ -50,6 +52,29 @@ def _binary(users: torch.Tensor, items: torch.Tensor, shape: tuple[int, int]) ->
                           (users.cpu().numpy(), items.cpu().numpy())), shape=shape)
 
 
+def known_before(data: Data, part: str) -> sp.csr_matrix:
+    """The binary interactions known when ``part`` is scored: train for valid; train + valid
+    for test. They are the items a ranking leaves out, and the history row-input families
+    (EASE, Mult-VAE) score from: the test is scored after the refit on train + valid, and a
+    user's validation item (on a leave-one-out split, their latest) is part of what is known
+    about them, as it is for the pair models' refitted user vectors."""
+    if part != "test" or len(data.valid) == 0:
+        return data.train_csr
+    shape = (data.n_users, data.n_items)
+    known = (data.train_csr + _binary(data.valid.users, data.valid.items, shape)).tocsr()
+    known.data[:] = 1.0
+    return known
+
+
+def history_before(model: nn.Module, data: Data, part: str) -> sp.csr_matrix:
+    """The rows a row-input family scores ``part`` from: ``known_before``, weighted by recency
+    when the model has a half-life (EASE's ``--recency``, ``dataset.weighted_history``)."""
+    half_life = float(getattr(model, "half_life", 0.0))
+    if half_life > 0:
+        return weighted_history(data, part, half_life)
+    return known_before(data, part)
+
+
 def fallback_count(model: nn.Module, data: Data, part: str) -> int:
     """Pairs of ``part`` whose user or item has no training data in ``model`` (scored by the
     fallback)."""
@@ -68,17 +93,16 @@ def full_ranking(model: nn.Module, data: Data, part: str, block_users: int = 0,
         return {}
     shape = (data.n_users, data.n_items)
     rel_csr = _binary(p.users, p.items, shape)
-    excl = data.train_csr
-    if part == "test" and len(data.valid):
-        excl = excl + _binary(data.valid.users, data.valid.items, shape)
-    excl = excl.tocsr()
+    excl = known_before(data, part)
     users = np.unique(p.users.cpu().numpy())
     dist = current()
     users = users[dist.shard(len(users))]        # under torchrun: this rank's users
     rel_rows = rel_csr[users]
     sums = []
+    rows_input = getattr(model, "input", "pairs") == "rows"
+    hist = history_before(model, data, part)[users] if rows_input else None
     for a, b, scores in score_blocks(model, users, excl[users], data.device, block_users,
-                                     history=data.train_csr[users]):
+                                     history=hist):
         sub = rel_rows[a:b].tocoo()
         rel = torch.zeros(scores.shape, dtype=torch.bool, device=data.device)
         rel[torch.from_numpy(sub.row.astype(np.int64)).to(data.device),
@@ -106,9 +130,11 @@ def _candidates(model: nn.Module, data: Data, part: str, intervals: bool = False
     if part not in data.candidates:
         return {}
     cu, ci = data.candidates[part]
+    known = history_before(model, data, part) if getattr(model, "input", "pairs") == "rows" \
+        else None
     # under torchrun: every world-th user on each rank, combined
     scores = current().sharded(len(cu), lambda sl: score_candidates(
-        model, cu[sl], ci[sl], data.train_csr).float())
+        model, cu[sl], ci[sl], known).float())
     return sampled_rank_metrics(scores, ci, intervals=intervals)
 
 
@@ -119,8 +145,10 @@ def _rating_metrics(model: nn.Module, data: Data, part: str, eval_batch: int, fu
     out = {}
     if len(p):
         # under torchrun: every world-th pair on each rank, combined
+        known = (history_before(model, data, part)
+                 if getattr(model, "input", "pairs") == "rows" else None)
         pred = current().sharded(len(p), lambda sl: predict_pairs(
-            model, p.users[sl], p.items[sl], data.train_csr).float())
+            model, p.users[sl], p.items[sl], known).float())
         out = rmse_mae(pred, p.ratings, data.rating_scale)
         if full:
             out.update(rating_intervals(pred, p.ratings, p.users, data.rating_scale))

@@ -7,6 +7,10 @@ Reads ``30_split_train_test/`` and writes ``40_make_sparse_matrix/``:
   left out of these);
 * ``train_implicit.npz``, ``valid_implicit.npz``, ``test_implicit.npz``: the binary view,
   1.0 for every interaction (unrated ones included);
+* ``train_time.npy``, ``valid_time.npy`` (when the split has timestamps): int64 [nnz], the
+  timestamp of each entry of ``train_implicit.npz`` / ``valid_implicit.npz`` in the CSR's own
+  order (entry k of the matrix's ``data``), so a history can be weighted by recency (EASE's
+  ``--recency``) without a second copy of the indices;
 * for leave-one-out / NCF splits, ``valid_candidates.npz`` and ``test_candidates.npz`` with
   ``users`` int32 [n] and ``items`` int32 [n, 1 + N], column 0 the held-out positive, the
   other columns that row's negatives in their stored order.
@@ -117,6 +121,15 @@ def part_matrices(df: Any, n_users: int, n_items: int,
     return explicit, implicit
 
 
+def csr_order(u: np.ndarray, i: np.ndarray, values: np.ndarray, n_items: int) -> np.ndarray:
+    """``values`` of the (u, i) pairs in the order of the CSR ``to_csr`` builds from them
+    (as they are when the pairs already ascend, stage 30's order)."""
+    u, i = _ids(u), _ids(i)
+    if _strictly_sorted(u, i):
+        return values
+    return values[np.argsort(u.astype(np.int64) * np.int64(n_items) + i, kind="stable")]
+
+
 def candidates(df: Any, negatives: np.ndarray, path: Path) -> dict[str, np.ndarray]:
     n = len(df["user_idx"])
     if negatives.ndim != 2 or negatives.shape[0] != n:
@@ -139,13 +152,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     global_mean: float | None = None
     rating_std: float | None = None
     n_candidates: dict[str, Any] = {}
+    timed: list[str] = []
     with StageOutput(cfg.data_dir, STAGE) as out:
         for name in PARTS:
-            # the columns the matrices and candidates need (not the timestamps)
+            # the columns the matrices and candidates need (the timestamps apart, below)
             df = read_columns(src / f"{name}.parquet", ["user_idx", "item_idx", "rating"])
             explicit, implicit = part_matrices(df, n_users, n_items)
             sp.save_npz(out.path(f"{name}.npz"), explicit, compressed=False)
             sp.save_npz(out.path(f"{name}_implicit.npz"), implicit, compressed=False)
+            if name != "test" and up.get("has_timestamp"):
+                ts = read_columns(src / f"{name}.parquet", ["timestamp"])["timestamp"]
+                np.save(out.path(f"{name}_time.npy"),
+                        csr_order(df["user_idx"], df["item_idx"], ts.astype(np.int64,
+                                                                            copy=False), n_items))
+                timed.append(name)
+                del ts
             nnz[name] = int(explicit.nnz)
             nnz[f"{name}_implicit"] = int(implicit.nnz)
             del implicit  # saved: its data need not sit beside the float64 copies below
@@ -178,6 +199,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "rating_std": rating_std,
             "n_negatives": n_neg,
             "candidates": n_candidates,
+            "times": timed,
             "task": task,
             "dtype": "float32",
         }

@@ -32,6 +32,7 @@ import torch
 import models as _models  # noqa: F401 - registers the built-in families
 from .artifacts import MANIFEST, read_manifest, read_parquet, stage_dir
 from .checkpoint import load_model as _load_checkpoint, resolve_device
+from .dataset import recency_weights
 from .cli import PipelineError, command_line, opt, parse_config, print_config, set_seed
 from .family import REGISTRY, Family
 from .objectives import for_task
@@ -130,6 +131,9 @@ class Recommender:
     train: sp.csr_matrix            # binary [n_users, n_items]: excluded from recommendations
     train_ratings: sp.csr_matrix | None   # explicit ratings (for --explain), when present
     data_dir: Path
+    # the rows a row-input family scores from, when they are not ``train`` itself: weighted
+    # by recency for a model with a half-life (EASE's --recency)
+    history: sp.csr_matrix | None = None
 
     @property
     def n_users(self) -> int:
@@ -194,9 +198,25 @@ def load_recommender(data_dir: Path, model_name: str, device: torch.device) -> R
                             f"with `{train_command(model_name, data_dir)}`")
     task = str(meta.get("task", "explicit"))
     lo, hi = meta.get("rating_scale") or m40.get("rating_scale") or (float("nan"),) * 2
+    history = None
+    half_life = float(getattr(model, "half_life", 0.0))
+    if half_life > 0:
+        time_path = stage_dir(data_dir, "40_make_sparse_matrix") / "train_time.npy"
+        if not time_path.exists():
+            raise PipelineError(f"{time_path} is missing, and {model_name} weighs a user's "
+                                f"history by recency (half-life {half_life:g}); rerun "
+                                f"`python 40_make_sparse_matrix.py --data-dir {data_dir}` and "
+                                f"`{train_command(model_name, data_dir)}`")
+        history = recency_weights(train, np.load(time_path, allow_pickle=False), half_life)
     return Recommender(model=model, meta=meta, name=model_name, task=task,
                        rating_scale=(float(lo), float(hi)), device=device, users=users,
-                       items=items, train=train, train_ratings=train_ratings, data_dir=data_dir)
+                       items=items, train=train, train_ratings=train_ratings, data_dir=data_dir,
+                       history=history)
+
+
+def history_rows(rec: Recommender, users: np.ndarray) -> sp.csr_matrix | None:
+    """The rows of ``users`` that a row-input family scores from (None: their train rows)."""
+    return None if rec.history is None else rec.history[users]
 
 
 # --------------------------------------------------------------------------------------------
@@ -423,7 +443,8 @@ def recommend_user(rec: Recommender, cfg: RecommendConfig) -> pd.DataFrame | Non
         print(f"note: {msg}")
         return _fallback(rec, cfg, f"user {cfg.user!r} is unknown")
     exclude = rec.train[[u]]
-    items, scores = rank_items(rec.model, np.array([u]), exclude, cfg.k, rec.device)
+    items, scores = rank_items(rec.model, np.array([u]), exclude, cfg.k, rec.device,
+                               history=history_rows(rec, np.array([u])))
     name, label = _score_label(rec)
     df = item_table(rec, items[0], scores[0], name)
     if cfg.explain:
@@ -464,7 +485,17 @@ def recommend_new_user(rec: Recommender, cfg: RecommendConfig) -> pd.DataFrame:
     exclude = sp.csr_matrix((np.ones(len(items), dtype=np.float32),
                              (np.zeros(len(items), dtype=np.int64), items)),
                             shape=(1, rec.n_items))
-    top, scores = rank_items(fold.model, np.array([0]), exclude, cfg.k, rec.device)
+    history = None
+    half_life = float(getattr(fold.model, "half_life", 0.0))
+    if half_life > 0:           # the file's order is the history's: its last line the latest
+        exclude.sum_duplicates()
+        line = np.full(rec.n_items, -1, dtype=np.int64)
+        line[items] = np.arange(len(items))           # an item given twice: its last line
+        history = recency_weights(exclude, line[exclude.indices], half_life)
+        print(f"note: {rec.name} weighs a history by recency (half-life {half_life:g} "
+              f"interactions): the last line of {cfg.ratings} counts as the latest")
+    top, scores = rank_items(fold.model, np.array([0]), exclude, cfg.k, rec.device,
+                             history=history)
     name, label = _score_label(rec)
     df = item_table(rec, top[0], scores[0], name)
     if cfg.explain:
@@ -512,7 +543,7 @@ def recommend_batch(rec: Recommender, cfg: RecommendConfig) -> pd.DataFrame:
                             f"users in with --ratings, or drop --no-fallback")
     t0 = time.perf_counter()
     items, scores = rank_items(rec.model, known, rec.train[known], cfg.k, rec.device,
-                               cfg.chunk_users)
+                               cfg.chunk_users, history=history_rows(rec, known))
     secs = time.perf_counter() - t0
     k_eff = items.shape[1]
     keep = (items >= 0).ravel()

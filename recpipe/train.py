@@ -45,7 +45,8 @@ from .artifacts import StageOutput, read_manifest, stage_dir, upstream_entry, wr
 from .checkpoint import load_model, resolve_device, rng_state, save, set_rng_state
 from .cli import (PipelineError, command_line, config_dict, keep_freed_memory, parse_config,
                   print_config, progress_disabled, set_seed)
-from .dataset import STAGE40, Data, KeySet, load_data, sample_users, with_valid_in_train
+from .dataset import (STAGE40, Data, KeySet, has_times, load_data, sample_users,
+                      weighted_history, with_valid_in_train)
 from . import distributed, tune
 from .distributed import derived_seed, table_names
 from .evaluation import evaluate, metric_line, selection_metric
@@ -533,13 +534,24 @@ class Trainer:
         cfg, data, model = self.cfg, self.data, self.model
         grid = ([cfg.reg] if cfg.reg is not None
                 else [float(r) for r in getattr(self.cls, "reg_grid", ())] or [None])
+        # the history's recency half-life (EASE): --recency, else the family's grid when stage
+        # 40 wrote timestamps, else off; every candidate is scored for every reg (one fit)
+        recency = getattr(model, "half_life", None)
+        if recency is None:
+            halves = [None]
+        elif cfg.recency is not None:
+            if cfg.recency > 0 and not has_times(data):
+                weighted_history(data, "valid", cfg.recency)     # raises, naming the fix
+            halves = [float(cfg.recency)]
+        else:
+            halves = [float(h) for h in self.cls.recency_grid] if has_times(data) else [0.0]
         solver = getattr(model, "closed_form_solver", None)
         ctx = solver(data.train_csr) if solver is not None else contextlib.nullcontext(
             lambda hp: model.fit_closed_form(data.train_csr, hp))
         self.history, self.epoch, self.best_epoch = [], 0, 0
         self.best = -math.inf if self.higher else math.inf
         self.best_state = model.state_dict()        # references: no copy of a large model
-        best_reg, t_run = None, time.perf_counter()
+        best_reg, best_half, fitted, t_run = None, None, None, time.perf_counter()
         with ctx as fit:
             for reg in grid:
                 if not refit and cfg.max_seconds and self.dist.broadcast_flag(
@@ -548,31 +560,46 @@ class Trainer:
                     break
                 t0 = time.perf_counter()
                 fit({**config_dict(cfg), "reg": reg})
+                fitted = reg
                 if self.dev.type == "cuda":
                     torch.cuda.synchronize()
                 t_fit = time.perf_counter() - t0
-                self.epoch += 1
-                self.dist.check_replicas(model, self.epoch)
                 if refit:
+                    if halves[0] is not None:          # the chosen one (cfg.recency)
+                        model.half_life.fill_(halves[0])
+                    self.epoch += 1
+                    self.dist.check_replicas(model, self.epoch)
                     log.info("refit: %s in closed form on train + valid, reg %s, %.1fs",
                              cfg.model, reg, t_fit)
                     continue
-                valid = evaluate(model, self.epoch_data, "valid", cfg.task, cfg.eval_batch,
-                                 full=False)
-                v = valid.get(self.metric, float("nan"))
-                mark = ""
-                if self._improved(v):
-                    self.best, self.best_epoch, self.best_valid = v, self.epoch, dict(valid)
-                    best_reg, mark = reg, " *"
-                self.history.append({"epoch": self.epoch, "reg": reg, "loss": float("nan"),
-                                     **{f"valid_{k}": round(x, 6) for k, x in valid.items()},
-                                     "lr": 0.0, "fit_seconds": round(t_fit, 3),
-                                     "seconds": round(time.perf_counter() - t0, 3)})
-                log.info("reg %-8s valid %s %.4f%s  fit %.1fs", reg, self.metric, v, mark,
-                         t_fit)
-                self._write_history()
-            if not refit and self.best_epoch and self.best_epoch != self.epoch:
+                for half in halves:
+                    t1 = time.perf_counter()
+                    if half is not None:
+                        model.half_life.fill_(half)
+                    self.epoch += 1
+                    self.dist.check_replicas(model, self.epoch)
+                    valid = evaluate(model, self.epoch_data, "valid", cfg.task,
+                                     cfg.eval_batch, full=False)
+                    v = valid.get(self.metric, float("nan"))
+                    mark = ""
+                    if self._improved(v):
+                        self.best, self.best_epoch, self.best_valid = v, self.epoch, dict(valid)
+                        best_reg, best_half, mark = reg, half, " *"
+                    self.history.append({
+                        "epoch": self.epoch, "reg": reg,
+                        **({} if half is None else {"recency": half}), "loss": float("nan"),
+                        **{f"valid_{k}": round(x, 6) for k, x in valid.items()},
+                        "lr": 0.0, "fit_seconds": round(t_fit, 3),
+                        "seconds": round(time.perf_counter() - t1 + t_fit, 3)})
+                    log.info("reg %-8s%s valid %s %.4f%s  fit %.1fs", reg,
+                             "" if half is None else f" recency {half:<5g}", self.metric, v,
+                             mark, t_fit)
+                    t_fit = 0.0
+                    self._write_history()
+            if not refit and self.best_epoch and fitted != best_reg:
                 fit({**config_dict(cfg), "reg": best_reg})
+            if not refit and best_half is not None:
+                model.half_life.fill_(best_half)
             spent = time.perf_counter() - t_run
         if not refit:
             self.train_seconds += spent
@@ -580,10 +607,16 @@ class Trainer:
                 log.warning("reg %s, the best on validation, is at the edge of the grid %s: "
                             "the optimum may lie beyond; try --reg values past it", best_reg,
                             grid)
+            if len(halves) > 1 and best_half == halves[-1]:
+                log.warning("recency %s, the best on validation, is at the edge of the grid "
+                            "%s; try --recency values past it", best_half, halves)
             if best_reg is not None:
-                log.info("chose reg %s: validation %s %.4f (candidate %d of %d)", best_reg,
+                log.info("chose reg %s%s: validation %s %.4f (candidate %d of %d)", best_reg,
+                         "" if best_half is None else f", recency {best_half:g}",
                          self.metric, self.best, self.best_epoch, len(self.history))
                 cfg.reg = best_reg
+                if best_half is not None:
+                    cfg.recency = best_half
             self.save_checkpoint()
         return spent
 

@@ -78,6 +78,9 @@ class TrainConfig:
                                       "when --batch-size comes from the preset, off when given")
     reg: Optional[float] = opt(None, "L2 weight on the embedding rows used by each sample ("
                                + _uses("reg") + ")" + PRESET)
+    recency: Optional[float] = opt(None, "weigh a user's history by recency at scoring time, "
+                                   "this half-life in interactions (" + _uses("recency")
+                                   + "); 0 = off")
     n_negatives: Optional[int] = opt(None, "implicit: sampled negatives per positive, "
                                      "redrawn every epoch" + PRESET)
     lr_schedule: Optional[str] = opt(None, "plateau (multiply lr by --lr-decay when validation "
@@ -137,7 +140,7 @@ class TrainConfig:
             if v is not None and not (v > 0 and math.isfinite(v)):
                 raise PipelineError(f"--{name.replace('_', '-')} must be a positive number, "
                                     f"got {v}")
-        for name in ("reg", "init_std", "dropout", "momentum"):
+        for name in ("reg", "init_std", "dropout", "momentum", "recency"):
             v = getattr(self, name)
             if v is not None and not (v >= 0 and math.isfinite(v)):
                 raise PipelineError(f"--{name.replace('_', '-')} must be >= 0, got {v}")

@@ -5,7 +5,8 @@ part, evaluate the per-epoch validation sample after every epoch, stop early, ke
 epoch. There is no refit and no test: the search never reads the test split. The sampler is
 Optuna's TPE, seeded with ``--seed``, and the trials run one after another, so a search is
 reproducible. Optuna's median pruner ends a trial whose best validation so far, at some
-epoch after the third, is worse than the median of the earlier trials at that epoch.
+epoch past the first quarter of ``--epochs`` (and past the third), is worse than the median
+of the earlier trials at that epoch: a slow start is not pruned.
 
 Trial 0 is the preset itself, so the chosen values are never worse on validation than the
 defaults. The space is built around the resolved preset (``search_space``):
@@ -47,8 +48,8 @@ log = logging.getLogger("recpipe")
 
 TUNABLE = ("lr", "reg", "dim", "hidden", "layers", "dropout", "n_negatives")
 RESULT = "tune.json"
-PRUNE_AFTER_TRIALS = 3       # the median pruner compares with this many finished trials ...
-PRUNE_AFTER_EPOCHS = 3       # ... and never ends a trial before its epoch 4
+PRUNE_AFTER_TRIALS = 3       # the median pruner compares with this many finished trials,
+PRUNE_WARMUP = 0.25          # and never ends a trial in this share of --epochs (at least 3)
 TABLE = "tune.csv"
 
 
@@ -161,8 +162,9 @@ def search(cfg: TrainConfig, data: Data, out_dir: Path, given: set[str],
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     n = cfg.tune
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=max(1, min(10, n // 2)))
+    warmup = max(3, int(PRUNE_WARMUP * cfg.epochs))
     pruner = optuna.pruners.MedianPruner(n_startup_trials=PRUNE_AFTER_TRIALS,
-                                         n_warmup_steps=PRUNE_AFTER_EPOCHS)
+                                         n_warmup_steps=warmup)
     study = optuna.create_study(direction="maximize" if higher else "minimize",
                                 sampler=sampler, pruner=pruner)
     study.enqueue_trial(_preset_point(cfg, space))
@@ -196,7 +198,8 @@ def search(cfg: TrainConfig, data: Data, out_dir: Path, given: set[str],
                      "best_epoch": best_epoch, "epochs_run": epochs,
                      "seconds": round(secs, 3), **params})
         log.info("--tune trial %d of %d%s: valid %s %.4f (best epoch %d of %d, %s, %.1fs) %s",
-                 trial.number, n, " (the preset)" if trial.number == 0 else "", metric, value, best_epoch, epochs, state, secs,
+                 trial.number, n, " (the preset)" if trial.number == 0 else "", metric,
+                 value, best_epoch, epochs, state, secs,
                  json.dumps(params))
         if state == "pruned":
             raise optuna.TrialPruned()
@@ -220,8 +223,8 @@ def search(cfg: TrainConfig, data: Data, out_dir: Path, given: set[str],
               "best_trial": best["trial"], "best_value": best["value"],
               "best_epoch": best["best_epoch"], "params": params, "space": space,
               "sampler": f"optuna TPE, seed {cfg.seed}",
-              "pruner": f"median ({PRUNE_AFTER_TRIALS} startup trials, {PRUNE_AFTER_EPOCHS} "
-              "warm-up epochs)", "seconds": round(time.perf_counter() - t_all, 3)}
+              "pruner": f"median ({PRUNE_AFTER_TRIALS} startup trials, {warmup} warm-up "
+              "epochs)", "seconds": round(time.perf_counter() - t_all, 3)}
     _write_table(out_dir / TABLE, rows, list(space))
     saved.write_text(json.dumps(record, indent=1))
     log.info("--tune: chose trial %d, valid %s %.4f (preset %s): %s", best["trial"], metric,
