@@ -7,7 +7,9 @@
 # peer (Surprise SVD, defaults) on the same test pairs when scikit-surprise is installed
 # (pip install -r bench/requirements.txt).
 # Usage: [SEEDS="0"] bash bench/quality.sh [WORK_DIR]
-# (about 30 minutes with five seeds on 2 idle cores; SEEDS=0 for one run per model)
+# (not timed end to end with five seeds: on 2 shared cores the two random splits took 10 and
+# 7 minutes, and one mlp run on a leave-one-out split takes 3-8 minutes, so budget an hour
+# or more; SEEDS=0 for one run per model)
 W=${1:-bench/out/quality}
 SEEDS=${SEEDS:-0 1 2 3 4}
 source "$(dirname "$0")/lib.sh"
