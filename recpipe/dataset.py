@@ -51,6 +51,10 @@ class Data:
     device: torch.device
     fingerprint: str = ""             # of stage 40's manifest (what a checkpoint trained on)
     source: Path | None = None        # stage 40's folder (read lazily: the timestamps)
+    # part -> (known interactions, recency rank of each entry): read and ranked once, shared
+    # by the copies ``dataclasses.replace`` makes (the ranks depend on stage 40's files only)
+    recency: dict[str, tuple[sp.csr_matrix, np.ndarray]] = dataclasses.field(
+        default_factory=dict, repr=False)
 
     @property
     def has_candidates(self) -> bool:
@@ -167,54 +171,74 @@ def has_times(data: Data) -> bool:
     return data.source is not None and "train" in (data.manifest.get("times") or [])
 
 
-def recency_weights(csr: sp.csr_matrix, times: np.ndarray, half_life: float) -> sp.csr_matrix:
-    """``csr``'s pattern with each entry weighted 0.5 ** (r / half_life), r = how many of the
-    row's entries are later (0 = the row's latest; equal timestamps: the higher item index
-    counts as later). ``times`` is aligned with ``csr.data``."""
-    csr = csr.tocsr()
-    rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))
-    # within each row, latest first; the stable sort keeps CSR (item) order among ties
-    order = np.lexsort((-csr.indices.astype(np.int64), -np.asarray(times, dtype=np.int64),
-                        rows))
-    rank = np.empty(len(order), dtype=np.int64)
-    rank[order] = np.arange(len(order)) - csr.indptr[rows[order]]
-    w = np.power(0.5, rank / float(half_life)).astype(np.float32)
-    return sp.csr_matrix((w, csr.indices, csr.indptr), shape=csr.shape)
-
-
-def weighted_history(data: Data, part: str, half_life: float) -> sp.csr_matrix:
-    """The interactions known when ``part`` is scored (train for valid; train + valid for
-    test), weighted by recency (``recency_weights``) from stage 40's timestamps."""
+def require_times(data: Data) -> None:
+    """Stop with the fix when a history is to be weighted by recency without timestamps."""
     if not has_times(data):
         raise PipelineError(f"{data.source}: stage 40 wrote no timestamps (train_time.npy), "
                             f"so a history cannot be weighted by recency; rerun "
                             f"`python 40_make_sparse_matrix.py` on a split with timestamps, or "
                             f"use --recency 0")
-    d = data.source
-    parts = ["train"] + (["valid"] if part == "test" and len(data.valid) else [])
-    mats, times = [], []
-    for name in parts:
-        m = _load_npz(d / f"{name}_implicit.npz").tocsr()
-        t = np.load(d / f"{name}_time.npy", allow_pickle=False)
-        if len(t) != m.nnz:
-            raise PipelineError(f"{d / (name + '_time.npy')} has {len(t)} entries for the "
-                                f"{m.nnz} of {name}_implicit.npz; rerun "
-                                f"`{rerun_command(d.parent, STAGE40)}`")
-        mats.append(m)
-        times.append(t)
-    if len(mats) == 1:
-        return recency_weights(mats[0], times[0], half_life)
-    mats = [m.tocoo() for m in mats]
-    row = np.concatenate([m.row for m in mats]).astype(np.int64)
-    col = np.concatenate([m.col for m in mats]).astype(np.int64)
-    ts = np.concatenate(times)
-    order = np.lexsort((col, row))                    # CSR order of the merged pairs
-    row, col, ts = row[order], col[order], ts[order]
-    indptr = np.zeros(data.n_users + 1, dtype=np.int64)
-    np.cumsum(np.bincount(row, minlength=data.n_users), out=indptr[1:])
-    merged = sp.csr_matrix((np.ones(len(col), np.float32), col, indptr),
-                           shape=(data.n_users, data.n_items))
-    return recency_weights(merged, ts, half_life)
+
+
+def recency_ranks(csr: sp.csr_matrix, times: np.ndarray) -> np.ndarray:
+    """For each entry of ``csr`` (aligned with ``times``), how many of its row's entries are
+    later: 0 = the row's latest; equal timestamps: the higher item index counts as later."""
+    rows = np.repeat(np.arange(csr.shape[0]), np.diff(csr.indptr))
+    # within each row, latest first; ties by the higher item index
+    order = np.lexsort((-csr.indices.astype(np.int64), -np.asarray(times, dtype=np.int64),
+                        rows))
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order)) - csr.indptr[rows[order]]
+    return rank
+
+
+def _weighted(csr: sp.csr_matrix, rank: np.ndarray, half_life: float) -> sp.csr_matrix:
+    w = np.power(0.5, rank / float(half_life)).astype(np.float32)
+    return sp.csr_matrix((w, csr.indices, csr.indptr), shape=csr.shape)
+
+
+def recency_weights(csr: sp.csr_matrix, times: np.ndarray, half_life: float) -> sp.csr_matrix:
+    """``csr``'s pattern with each entry weighted 0.5 ** (r / half_life), r its
+    ``recency_ranks`` (the row's latest weighs 1). ``times`` is aligned with ``csr.data``."""
+    csr = csr.tocsr()
+    return _weighted(csr, recency_ranks(csr, times), half_life)
+
+
+def _timed_part(d: Path, name: str) -> tuple[sp.csr_matrix, np.ndarray]:
+    m = _load_npz(d / f"{name}_implicit.npz").tocsr()
+    t = np.load(d / f"{name}_time.npy", allow_pickle=False)
+    if len(t) != m.nnz:
+        raise PipelineError(f"{d / (name + '_time.npy')} has {len(t)} entries for the "
+                            f"{m.nnz} of {name}_implicit.npz; rerun "
+                            f"`{rerun_command(d.parent, STAGE40)}`")
+    return m, t
+
+
+def weighted_history(data: Data, part: str, half_life: float) -> sp.csr_matrix:
+    """The interactions known when ``part`` is scored (train for valid; train + valid for
+    test), weighted by recency (``recency_weights``) from stage 40's timestamps. The files
+    are read and ranked once per part (``data.recency``); each half-life only reweighs."""
+    require_times(data)
+    key = "test" if part == "test" and len(data.valid) else "valid"
+    if key not in data.recency:
+        timed = [_timed_part(data.source, n)
+                 for n in (["train", "valid"] if key == "test" else ["train"])]
+        if len(timed) == 1:
+            csr, ts = timed[0]
+        else:
+            coos = [m.tocoo() for m, _ in timed]
+            row = np.concatenate([c.row for c in coos]).astype(np.int64)
+            col = np.concatenate([c.col for c in coos]).astype(np.int64)
+            ts = np.concatenate([t for _, t in timed])
+            order = np.lexsort((col, row))                # CSR order of the merged pairs
+            row, col, ts = row[order], col[order], ts[order]
+            indptr = np.zeros(data.n_users + 1, dtype=np.int64)
+            np.cumsum(np.bincount(row, minlength=data.n_users), out=indptr[1:])
+            csr = sp.csr_matrix((np.ones(len(col), np.float32), col, indptr),
+                                shape=(data.n_users, data.n_items))
+        data.recency[key] = (csr, recency_ranks(csr, ts))
+    csr, rank = data.recency[key]
+    return _weighted(csr, rank, half_life)
 
 
 def is_member(keys_sorted: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

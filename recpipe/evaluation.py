@@ -31,7 +31,8 @@ from .dataset import Data, weighted_history
 from .distributed import current
 from .metrics import (finish_full, full_rank_metrics, rating_intervals, rmse_mae,
                       sampled_rank_metrics)
-from .scoring import fallback_mask, predict_pairs, score_blocks, score_candidates
+from .scoring import (_wants_rows, fallback_mask, predict_pairs, score_blocks,
+                      score_candidates)
 
 
 def selection_metric(task: str, data: Data) -> tuple[str, bool]:
@@ -66,9 +67,12 @@ def known_before(data: Data, part: str) -> sp.csr_matrix:
     return known
 
 
-def history_before(model: nn.Module, data: Data, part: str) -> sp.csr_matrix:
+def history_before(model: nn.Module, data: Data, part: str) -> sp.csr_matrix | None:
     """The rows a row-input family scores ``part`` from: ``known_before``, weighted by recency
-    when the model has a half-life (EASE's ``--recency``, ``dataset.weighted_history``)."""
+    when the model has a half-life (EASE's ``--recency``, ``dataset.weighted_history``);
+    None for the pair families, which score without them."""
+    if not _wants_rows(model):
+        return None
     half_life = float(getattr(model, "half_life", 0.0))
     if half_life > 0:
         return weighted_history(data, part, half_life)
@@ -99,8 +103,8 @@ def full_ranking(model: nn.Module, data: Data, part: str, block_users: int = 0,
     users = users[dist.shard(len(users))]        # under torchrun: this rank's users
     rel_rows = rel_csr[users]
     sums = []
-    rows_input = getattr(model, "input", "pairs") == "rows"
-    hist = history_before(model, data, part)[users] if rows_input else None
+    hist = history_before(model, data, part)
+    hist = None if hist is None else hist[users]
     for a, b, scores in score_blocks(model, users, excl[users], data.device, block_users,
                                      history=hist):
         sub = rel_rows[a:b].tocoo()
@@ -130,8 +134,7 @@ def _candidates(model: nn.Module, data: Data, part: str, intervals: bool = False
     if part not in data.candidates:
         return {}
     cu, ci = data.candidates[part]
-    known = history_before(model, data, part) if getattr(model, "input", "pairs") == "rows" \
-        else None
+    known = history_before(model, data, part)
     # under torchrun: every world-th user on each rank, combined
     scores = current().sharded(len(cu), lambda sl: score_candidates(
         model, cu[sl], ci[sl], known).float())
@@ -145,8 +148,7 @@ def _rating_metrics(model: nn.Module, data: Data, part: str, eval_batch: int, fu
     out = {}
     if len(p):
         # under torchrun: every world-th pair on each rank, combined
-        known = (history_before(model, data, part)
-                 if getattr(model, "input", "pairs") == "rows" else None)
+        known = history_before(model, data, part)
         pred = current().sharded(len(p), lambda sl: predict_pairs(
             model, p.users[sl], p.items[sl], known).float())
         out = rmse_mae(pred, p.ratings, data.rating_scale)

@@ -45,8 +45,8 @@ from .artifacts import StageOutput, read_manifest, stage_dir, upstream_entry, wr
 from .checkpoint import load_model, resolve_device, rng_state, save, set_rng_state
 from .cli import (PipelineError, command_line, config_dict, keep_freed_memory, parse_config,
                   print_config, progress_disabled, set_seed)
-from .dataset import (STAGE40, Data, KeySet, has_times, load_data, sample_users,
-                      weighted_history, with_valid_in_train)
+from .dataset import (STAGE40, Data, KeySet, has_times, load_data, require_times,
+                      sample_users, with_valid_in_train)
 from . import distributed, tune
 from .distributed import derived_seed, table_names
 from .evaluation import evaluate, metric_line, selection_metric
@@ -540,8 +540,8 @@ class Trainer:
         if recency is None:
             halves = [None]
         elif cfg.recency is not None:
-            if cfg.recency > 0 and not has_times(data):
-                weighted_history(data, "valid", cfg.recency)     # raises, naming the fix
+            if cfg.recency > 0:
+                require_times(data)
             halves = [float(cfg.recency)]
         else:
             halves = [float(h) for h in self.cls.recency_grid] if has_times(data) else [0.0]
