@@ -4,8 +4,9 @@
 # 0 1 2 3 4) on the same split by bench/seeds.py, which prints each model's test metric as
 # mean and std over the seeds and the paired-bootstrap 95% interval of each pair's
 # difference; then each model's seed-0 run with its 95% interval and pair counts, and the
-# peer (Surprise SVD, defaults) on the same test pairs when scikit-surprise is installed
-# (pip install -r bench/requirements.txt).
+# peers on the same test pairs when they are installed (pip install -r bench/requirements.txt):
+# Surprise SVD (defaults) on the random splits, the `implicit` library's ALS and BPR (each a
+# grid chosen on validation, bench/bench_vs_implicit.py) on the leave-one-out ones.
 # Usage: [SEEDS="0"] bash bench/quality.sh [WORK_DIR]
 # (not timed end to end with five seeds: on 2 shared cores the two random splits took 10 and
 # 7 minutes, and one mlp run on a leave-one-out split takes 3-8 minutes, so budget an hour
@@ -42,6 +43,15 @@ peer() {  # DIR NAME
     echo "$2: peer row skipped (scikit-surprise not installed: pip install -r bench/requirements.txt)"
   fi
 }
+peer_implicit() {  # DIR NAME
+  if $PY -c "import implicit" 2>/dev/null; then
+    echo "$2, peers on the same test pairs (implicit's ALS and BPR, grid on validation):"
+    OMP_NUM_THREADS=1 $PY bench/bench_vs_implicit.py --data-dir "$1" --models als bpr \
+      --threads 1 --json "$W/seeds/$2.implicit.json" | sed -n '/^summary/,/^wrote/p'
+  else
+    echo "$2: implicit peer skipped (not installed: pip install -r bench/requirements.txt)"
+  fi
+}
 for ds in ml-100k ml-latest-small; do
   D="$W/$ds-random"
   pipeline "$D" --strategy random --seed 42 -- --input "$SHARED/movielens/$ds"
@@ -55,4 +65,5 @@ for spec in ml-100k:42 ml-latest-small:0; do
   pipeline "$D" --strategy loo --negatives 99 --seed "${spec##*:}" -- --input "$SHARED/movielens/$ds"
   seeds "$D" "$ds-loo" "neumf:gmf neumf:ease gmf:ease mlp:ease multvae:ease" \
     gmf mlp neumf ease multvae
+  peer_implicit "$D" "$ds-loo"
 done
