@@ -15,7 +15,7 @@ scales), a logit for implicit (global_mean 0, scale 1).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from torch import nn
 from recpipe.family import REGISTRY, Family, family, look, look_side, register
 from recpipe.objectives import ExplicitMSE, Objective
 
-__all__ = ["BiasedMF", "DeepMF", "GMF", "MLP", "NeuMF", "MODELS", "build_model"]
+__all__ = ["BiasedMF", "BayesianMF", "DeepMF", "GMF", "MLP", "NeuMF", "MODELS", "build_model"]
 
 _look = look
 
@@ -285,6 +285,52 @@ class BiasedMF(_Base):
         rows = mark.nonzero().squeeze(1)
         pos = mark.cumsum(0).sub_(1)
         return rows, pos.index_select(0, idx)
+
+
+@register("bpmf")
+class BayesianMF(BiasedMF):
+    """mf's model with Bayesian inference (recpipe/bayes.py): a Gibbs chain over the factors,
+    biases and every precision, no learning rate and no L2 weight to tune. The stored tables
+    hold the posterior mean of the predictions (the average over the sweeps after burn-in) in
+    factored form, rank ``KEEP * dim``, so scoring, the fallback and stage 70 are mf's."""
+
+    default_task = "explicit"
+    tasks = ("explicit",)
+    fit_by = "closed_form"
+    closed_form_input = "pairs"          # fit_closed_form gets the train ratings (a Part)
+    analytic_tasks = ()
+    fused_tasks = ()
+    options = {"dim": "rank of each Gibbs sample (the stored posterior mean: 4x that)",
+               "init_std": "std of the chain's starting factor rows",
+               "epochs": "Gibbs sweeps, the first quarter burn-in (bpmf)"}
+    # stage 70's fold-in for a new user (ridge, BiasedMF.fold_in): the per-rating L2 of mf's
+    # preset; the chain itself has no L2 weight (stage 60's --reg is not used)
+    FOLD_IN_REG: ClassVar[float] = 0.1
+
+    def __init__(self, n_users: int, n_items: int, dim: int = 32, init_std: float = 0.1,
+                 global_mean: float = 0.0, scale: float = 1.0, sparse: bool = False):
+        from recpipe.bayes import KEEP
+        super().__init__(n_users, n_items, KEEP * dim, 0.0, global_mean, scale, sparse)
+        self.rank, self.init_std = int(dim), float(init_std)
+
+    @torch.no_grad()
+    def fit_closed_form(self, train, hp: dict[str, Any]) -> None:
+        """Run the chain on the train ratings ``train`` (users, items, ratings tensors)."""
+        from recpipe.bayes import gibbs
+        dev = self.user_factors.weight.device
+        z = (train.ratings.to(dev).double() - float(self.global_mean)) / float(self.scale)
+        out = gibbs(train.users.to(dev), train.items.to(dev), z, self.n_users, self.n_items,
+                    self.rank, int(hp["epochs"]), int(hp.get("seed") or 0), self.init_std,
+                    keep=self.user_factors.weight.shape[1])
+        self.user_factors.weight.copy_(out["user"])
+        self.item_factors.weight.copy_(out["item"])
+        self.user_bias.weight.copy_(out["user_bias"][:, None])
+        self.item_bias.weight.copy_(out["item_bias"][:, None])
+
+    def fold_in(self, objective, reg, users, items, ratings, n_users, steps=300, lr=0.05,
+                seed=0):
+        return super().fold_in(objective, self.FOLD_IN_REG if reg is None else reg, users,
+                               items, ratings, n_users, steps, lr, seed)
 
 
 @register("deepmf")

@@ -55,7 +55,7 @@ peer_implicit() {  # DIR NAME
 for ds in ml-100k ml-latest-small; do
   D="$W/$ds-random"
   pipeline "$D" --strategy random --seed 42 -- --input "$SHARED/movielens/$ds"
-  seeds "$D" "$ds-random" "deepmf:mf autorec:mf" mf deepmf autorec
+  seeds "$D" "$ds-random" "bpmf:mf deepmf:mf autorec:mf" mf bpmf deepmf autorec
   peer "$D" "$ds-random"
 done
 # leave-one-out + 99 sampled negatives: ML-100K on the split seed 42, ml-latest-small on 0

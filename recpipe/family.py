@@ -11,9 +11,10 @@
   ``per_pair_scoring``: scoring all items holds a vector per (user, item) pair (MLP towers)
   rather than being one matrix product, which sizes the scoring blocks;
 - ``fit_by``: ``"epochs"`` of mini-batches (stage 60's loop) or ``"closed_form"``
-  (``fit_closed_form``, once); ``batches``: what an epoch iterates, ``"pairs"`` (through
-  ``forward`` and the task's objective) or ``"rows"`` (``row_data`` / ``row_loss`` /
-  ``rows_done``: the autoencoders);
+  (``fit_closed_form``, once, on the binary train CSR or, with ``closed_form_input =
+  "pairs"``, the train ratings: bpmf's Gibbs chain); ``batches``: what an epoch iterates,
+  ``"pairs"`` (through ``forward`` and the task's objective) or ``"rows"`` (``row_data`` /
+  ``row_loss`` / ``rows_done``: the autoencoders);
 - its row-sparse tables: ``user_tables()`` and ``item_tables()`` (created with
   ``self.table``), for the lazy optimisers, the row L2 and the fold-in;
 - ``has_item_vectors`` and ``item_vectors()`` for similar items and explanations;
@@ -152,6 +153,8 @@ class Family(nn.Module):
     input: ClassVar[str] = "pairs"
     per_pair_scoring: ClassVar[bool] = False
     fit_by: ClassVar[str] = "epochs"
+    # what fit_closed_form reads: the binary train CSR ("csr") or the train ratings ("pairs")
+    closed_form_input: ClassVar[str] = "csr"
     # what an epoch iterates: "pairs" (batches of (user, item) samples through forward and
     # the objective) or "rows" (batches of CSR rows through row_data / row_loss / rows_done)
     batches: ClassVar[str] = "pairs"

@@ -57,6 +57,9 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     # closed form: no reg here, so stage 60 chooses it on validation from EASE.reg_grid
     # (recpipe/ease.py); --reg fixes one value. epochs: one fit (per reg candidate)
     ("ease", "implicit"): {"epochs": 1},
+    # Gibbs sampling (recpipe/bayes.py): epochs = sweeps (a quarter burn-in), dim = the rank
+    # of each sample; no lr and no reg (the chain samples every precision). docs/presets.md
+    ("bpmf", "explicit"): {"dim": 16, "init_std": 0.1, "epochs": 200},
     # autoencoders (recpipe/autoencoders.py): batch_size counts ROWS (autorec: items,
     # multvae: users); autorec's reg is the paper's lambda (docs/presets.md)
     ("autorec", "explicit"): {"dim": 500, "lr": 3e-3, "batch_size": 64, "reg": 100.0,

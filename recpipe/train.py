@@ -264,7 +264,7 @@ class Trainer:
         """One pass over the train part; returns (mean loss, samples)."""
         cfg, data, model, objective = self.cfg, self.data, self.model, self.objective
         if not self.by_epochs:
-            model.fit_closed_form(data.train_csr, config_dict(cfg))
+            model.fit_closed_form(self._closed_form_train(), config_dict(cfg))
             return 0.0, len(data.train)
         model.train()
         self.epoch_factor = self._lr_factor_for(self.epoch + 1, factors)
@@ -546,8 +546,9 @@ class Trainer:
         else:
             halves = [float(h) for h in self.cls.recency_grid] if has_times(data) else [0.0]
         solver = getattr(model, "closed_form_solver", None)
-        ctx = solver(data.train_csr) if solver is not None else contextlib.nullcontext(
-            lambda hp: model.fit_closed_form(data.train_csr, hp))
+        train = self._closed_form_train()
+        ctx = solver(train) if solver is not None else contextlib.nullcontext(
+            lambda hp: model.fit_closed_form(train, hp))
         self.history, self.epoch, self.best_epoch = [], 0, 0
         self.best = -math.inf if self.higher else math.inf
         self.best_state = model.state_dict()        # references: no copy of a large model
@@ -569,8 +570,8 @@ class Trainer:
                         model.half_life.fill_(halves[0])
                     self.epoch += 1
                     self.dist.check_replicas(model, self.epoch)
-                    log.info("refit: %s in closed form on train + valid, reg %s, %.1fs",
-                             cfg.model, reg, t_fit)
+                    log.info("refit: %s in closed form on train + valid%s, %.1fs",
+                             cfg.model, "" if reg is None else f", reg {reg}", t_fit)
                     continue
                 for half in halves:
                     t1 = time.perf_counter()
@@ -591,7 +592,8 @@ class Trainer:
                         **{f"valid_{k}": round(x, 6) for k, x in valid.items()},
                         "lr": 0.0, "fit_seconds": round(t_fit, 3),
                         "seconds": round(time.perf_counter() - t1 + t_fit, 3)})
-                    log.info("reg %-8s%s valid %s %.4f%s  fit %.1fs", reg,
+                    log.info("%s%s valid %s %.4f%s  fit %.1fs",
+                             "fit" if reg is None else f"reg {reg:<8}",
                              "" if half is None else f" recency {half:<5g}", self.metric, v,
                              mark, t_fit)
                     t_fit = 0.0
@@ -619,6 +621,12 @@ class Trainer:
                     cfg.recency = best_half
             self.save_checkpoint()
         return spent
+
+    def _closed_form_train(self):
+        """What a closed-form fit reads (the family's ``closed_form_input``): the binary
+        train CSR (``"csr"``: EASE) or the train ratings as a ``dataset.Part`` (``"pairs"``:
+        bpmf)."""
+        return self.data.train if self.cls.closed_form_input == "pairs" else self.data.train_csr
 
     def _warn_if_constant(self) -> None:
         """Early stopping ended a run whose validation metric never moved: the model most

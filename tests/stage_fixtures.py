@@ -88,6 +88,22 @@ def write_ml100k_stage10(data_dir: Path, shared_data: Path) -> dict:
                          inputs=[str(Path(shared_data) / "movielens" / "ml-100k" / "u.data")])
 
 
+def ml100k_stage40(tmp_path_factory, name: str, *split_args: str) -> Path:
+    """Stages 10-40 on ML-100K (../shared/data) in a fresh folder ``name``, split by
+    ``split_args``; skips the test when the real data is absent."""
+    import pytest
+    from conftest import SHARED_DATA
+    from recpipe import ids, matrix, split
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data not found at {SHARED_DATA} (set RECPIPE_SHARED_DATA to run)")
+    d = tmp_path_factory.mktemp(name)
+    write_ml100k_stage10(d, SHARED_DATA)
+    ids.main(["--data-dir", str(d)])
+    split.main(["--data-dir", str(d), *split_args])
+    matrix.main(["--data-dir", str(d)])
+    return d
+
+
 def write_synthetic_ncf_train(prefix: Path, ncf_prefix: Path, per_user: int = 4,
                               seed: int = 0) -> pd.DataFrame:
     """A small PREFIX.train.rating consistent with the real NCF test files.

@@ -13,37 +13,25 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from recpipe import ids, matrix, recommend, split
+from recpipe import recommend
 from recpipe.autoencoders import AutoRec, DeviceCSR, MultVAE, masked_mse
 from recpipe.cli import parse_config
 from recpipe.dataset import load_data
 from recpipe.metrics import sampled_rank_metrics
 from recpipe.train import TrainConfig, run
-from stage_fixtures import new_user_recommendations, top10_unseen, write_ml100k_stage10
+from stage_fixtures import ml100k_stage40, new_user_recommendations, top10_unseen
 
 pytestmark = pytest.mark.shared
 
 
-def _stage40(tmp_path_factory, name: str, *split_args: str) -> Path:
-    from conftest import SHARED_DATA
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA} (set RECPIPE_SHARED_DATA to run)")
-    d = tmp_path_factory.mktemp(name)
-    write_ml100k_stage10(d, SHARED_DATA)
-    ids.main(["--data-dir", str(d)])
-    split.main(["--data-dir", str(d), *split_args])
-    matrix.main(["--data-dir", str(d)])
-    return d
-
-
 @pytest.fixture(scope="module")
 def rand(tmp_path_factory) -> Path:
-    return _stage40(tmp_path_factory, "ae_rand", "--strategy", "random", "--seed", "42")
+    return ml100k_stage40(tmp_path_factory, "ae_rand", "--strategy", "random", "--seed", "42")
 
 
 @pytest.fixture(scope="module")
 def loo(tmp_path_factory) -> Path:
-    return _stage40(tmp_path_factory, "ae_loo", "--strategy", "loo", "--negatives", "99",
+    return ml100k_stage40(tmp_path_factory, "ae_loo", "--strategy", "loo", "--negatives", "99",
                     "--seed", "42")
 
 
