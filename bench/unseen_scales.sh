@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Do the defaults generalise? Surprise SVD's defaults vs our MF preset (untuned for these) on
-# data the presets were not chosen on, each through the whole pipeline (random 90/10, seed 42):
+# Do the defaults generalise? Surprise SVD's defaults vs our mf and bpmf presets (untuned for
+# these) on data the presets were not chosen on, each through the whole pipeline (random
+# 90/10, seed 42):
 #   netflix    the 10 Netflix Prize movie files in ../shared/data (another source; 19.5k users,
 #              10 movies, so most test users have one train rating)
 #   mls-x2     ml-latest-small with every rating doubled: a 1-10 scale in whole steps
@@ -28,4 +29,6 @@ pipeline "$W/ml100k-x20" "${SPLIT[@]}" -- --input "$W/ml100k_x20.csv" --format c
 for ds in netflix mls-x2 ml100k-x20; do
   echo "== $ds"
   $PY bench/bench_vs_surprise.py --data-dir "$W/$ds" --grid
+  echo "bpmf, its preset (the same test pairs):"
+  $PY 60_train.py --model bpmf --data-dir "$W/$ds" 2>&1 | grep -E " (valid|test): "
 done
