@@ -15,7 +15,7 @@ scales), a logit for implicit (global_mean 0, scale 1).
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -303,15 +303,15 @@ class BayesianMF(BiasedMF):
     options = {"dim": "rank of each Gibbs sample (the stored posterior mean: 4x that)",
                "init_std": "std of the chain's starting factor rows",
                "epochs": "Gibbs sweeps, the first quarter burn-in (bpmf)"}
-    # stage 70's fold-in for a new user (ridge, BiasedMF.fold_in): the per-rating L2 of mf's
-    # preset; the chain itself has no L2 weight (stage 60's --reg is not used)
-    FOLD_IN_REG: ClassVar[float] = 0.1
 
     def __init__(self, n_users: int, n_items: int, dim: int = 32, init_std: float = 0.1,
                  global_mean: float = 0.0, scale: float = 1.0, sparse: bool = False):
         from recpipe.bayes import KEEP
         super().__init__(n_users, n_items, KEEP * dim, 0.0, global_mean, scale, sparse)
         self.rank, self.init_std = int(dim), float(init_std)
+        # the chain's noise precision (standardised units), averaged over the kept sweeps:
+        # the fold-in's likelihood weight
+        self.register_buffer("noise_precision", torch.tensor(1.0, dtype=torch.float64))
 
     @torch.no_grad()
     def fit_closed_form(self, train, hp: dict[str, Any]) -> None:
@@ -326,11 +326,44 @@ class BayesianMF(BiasedMF):
         self.item_factors.weight.copy_(out["item"])
         self.user_bias.weight.copy_(out["user_bias"][:, None])
         self.item_bias.weight.copy_(out["item_bias"][:, None])
+        self.noise_precision.fill_(out["alpha_mean"])
 
+    @torch.no_grad()
     def fold_in(self, objective, reg, users, items, ratings, n_users, steps=300, lr=0.05,
                 seed=0):
-        return super().fold_in(objective, self.FOLD_IN_REG if reg is None else reg, users,
-                               items, ratings, n_users, steps, lr, seed)
+        """Per new user, the posterior mean of [p_u, b_u] with the item side fixed, under an
+        empirical-Bayes prior: the Gaussian of the trained users' rows (their mean and
+        covariance), and the chain's noise precision alpha. With x_i = [q_i, 1] and z_i =
+        (r_i - mu) / s - b_i: theta = (C^-1 + alpha X'X)^-1 (C^-1 m + alpha X'z), all users at
+        once in float64; a user without ratings gets the mean row. ``reg`` is not used (the
+        chain has none)."""
+        dev = self.item_factors.weight.device
+        known = self.known_user
+        rows = torch.cat([self.user_factors.weight[known], self.user_bias.weight[known]],
+                         1).double()
+        d = rows.shape[1]
+        eye = torch.eye(d, dtype=torch.float64, device=dev)
+        m = rows.mean(0)
+        cov = (rows - m).T @ (rows - m) / max(1, rows.shape[0] - 1)
+        prior = torch.linalg.inv(cov + 1e-6 * (cov.diagonal().mean() + 1e-12) * eye)
+        alpha = float(self.noise_precision)
+        it = torch.tensor(np.asarray(items, dtype=np.int64), device=dev)
+        us = torch.tensor(np.asarray(users, dtype=np.int64), device=dev)
+        x = torch.cat([self.item_factors.weight.double()[it],
+                       torch.ones(len(it), 1, dtype=torch.float64, device=dev)], 1)
+        r = torch.tensor(np.asarray(ratings, dtype=np.float64), device=dev)
+        bi = self.item_bias.weight.double()[:, 0]
+        z = (r - float(self.global_mean)) / float(self.scale) - bi[it]
+        a = torch.zeros(n_users, d, d, dtype=torch.float64, device=dev)
+        a.index_add_(0, us, x.unsqueeze(2) * x.unsqueeze(1))
+        rhs = torch.zeros(n_users, d, dtype=torch.float64, device=dev).index_add_(
+            0, us, x * z[:, None])
+        theta = torch.linalg.solve(a * alpha + prior, rhs * alpha + prior @ m)
+        out = {"user_factors": theta[:, :-1].float(), "user_bias": theta[:, -1:].float()}
+        method = (f"Bayesian MF fold-in: the posterior mean of the new user's {d - 1} factors "
+                  f"and bias with the item side fixed, under the Gaussian of the trained "
+                  f"users' rows as prior and the chain's noise precision {alpha:.3g}")
+        return self.with_user_rows(out), method
 
 
 @register("deepmf")

@@ -192,8 +192,8 @@ def gibbs(users: torch.Tensor, items: torch.Tensor, z: torch.Tensor, n_users: in
           keep: int | None = None) -> dict[str, Any]:
     """Run the chain on ratings ``z`` (standardised) and return the posterior-mean model:
     ``user``, ``item`` [n, keep] factors, ``user_bias``, ``item_bias`` [n], plus ``samples``
-    (sweeps averaged), ``alpha`` (the last noise precision) and ``train_rmse`` (of the last
-    sample)."""
+    (sweeps averaged), ``alpha`` (the last noise precision), ``alpha_mean`` (its average over
+    the averaged sweeps) and ``train_rmse`` (of the last sample)."""
     if sweeps < 2:
         raise ValueError(f"bpmf needs at least 2 sweeps (--epochs), got {sweeps}")
     keep = keep or KEEP * rank
@@ -210,7 +210,7 @@ def gibbs(users: torch.Tensor, items: torch.Tensor, z: torch.Tensor, n_users: in
     burn = sweeps // 4
     A = B = None
     sum_bu, sum_bi = torch.zeros_like(bu), torch.zeros_like(bi)
-    n_avg, sse, t0 = 0, float("nan"), time.perf_counter()
+    n_avg, sse, alpha_sum, t0 = 0, float("nan"), 0.0, time.perf_counter()
     for sweep in range(1, sweeps + 1):
         lam_u, mu_u = sample_normal_wishart(P, rng)
         lam_v, mu_v = sample_normal_wishart(Q, rng)
@@ -230,6 +230,7 @@ def gibbs(users: torch.Tensor, items: torch.Tensor, z: torch.Tensor, n_users: in
             A, B = compress(A, B, P, Q, keep)
             sum_bu += bu
             sum_bi += bi
+            alpha_sum += alpha
             n_avg += 1
         if sweep % 10 == 0 or sweep == sweeps:
             log.info("bpmf sweep %4d/%d  train RMSE of the sample %.4f (standardised)  "
@@ -242,4 +243,5 @@ def gibbs(users: torch.Tensor, items: torch.Tensor, z: torch.Tensor, n_users: in
         B = torch.cat([B, B.new_zeros(n_items, pad)], 1)
     return {"user": A / root, "item": B / root, "user_bias": sum_bu / n_avg,
             "item_bias": sum_bi / n_avg, "samples": n_avg, "alpha": float(alpha),
+            "alpha_mean": alpha_sum / n_avg,
             "train_rmse": math.sqrt(sse / len(z))}

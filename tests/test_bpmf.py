@@ -157,6 +157,20 @@ def test_family_fits_into_mf_tables_in_rating_units():
     rmse = float((pred[held] - want[held]).square().mean().sqrt())
     assert rmse < 0.35 * float((want[held] - 3.0).square().mean().sqrt())
     assert m.item_vectors().shape == (40, 12)
+    assert 1.5 < float(m.noise_precision) < 30         # 1 / (0.3 / 1.5)^2 = 25 at most
+    # fold-in: users 0-19 again from their observed ratings, as if new, predict their
+    # held-out entries about as well as their trained rows do
+    new = torch.arange(20)
+    sel = u < 20
+    folded, method = m.fold_in(None, None, u[sel].numpy(), i[sel].numpy(),
+                               ratings[sel].numpy(), 20)
+    assert "posterior mean" in method
+    with torch.no_grad():
+        fp = folded(new[:, None], torch.arange(40)[None, :])
+    h = held[:20]
+    f_rmse = float((fp[h] - want[:20][h]).square().mean().sqrt())
+    t_rmse = float((pred[:20][h] - want[:20][h]).square().mean().sqrt())
+    assert f_rmse < 1.2 * t_rmse + 0.02, (f_rmse, t_rmse)
 
 
 @pytest.fixture(scope="module")
