@@ -49,6 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .cli import PipelineError
+
 
 log = logging.getLogger("recpipe.train")
 
@@ -195,7 +197,9 @@ def gibbs(users: torch.Tensor, items: torch.Tensor, z: torch.Tensor, n_users: in
     (sweeps averaged), ``alpha`` (the last noise precision), ``alpha_mean`` (its average over
     the averaged sweeps) and ``train_rmse`` (of the last sample)."""
     if sweeps < 2:
-        raise ValueError(f"bpmf needs at least 2 sweeps (--epochs), got {sweeps}")
+        raise PipelineError(f"--model bpmf: --epochs is the number of Gibbs sweeps and must "
+                            f"be at least 2 (a quarter is burn-in), got {sweeps}; the preset "
+                            f"runs 200")
     keep = keep or KEEP * rank
     dev = z.device
     gen = torch.Generator(device=dev).manual_seed(int(seed))

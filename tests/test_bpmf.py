@@ -11,7 +11,7 @@ import torch
 
 import models
 from recpipe import bayes, recommend
-from recpipe.cli import parse_config
+from recpipe.cli import PipelineError, parse_config
 from recpipe.dataset import Part, load_data
 from recpipe.train import TrainConfig, run
 from stage_fixtures import ml100k_stage40, new_user_recommendations
@@ -125,6 +125,8 @@ def test_chain_recovers_a_low_rank_matrix_and_is_seeded():
     assert torch.equal(again["user"], out["user"])
     other = bayes.gibbs(u, i, z, 60, 40, rank=4, sweeps=60, seed=4)
     assert not torch.equal(other["user"], out["user"])
+    with pytest.raises(PipelineError, match="at least 2"):
+        bayes.gibbs(u, i, z, 60, 40, rank=4, sweeps=1, seed=0)
 
 
 def test_longer_average_beats_a_short_chain():
