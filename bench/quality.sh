@@ -9,8 +9,10 @@
 # grid chosen on validation, bench/bench_vs_implicit.py) on the leave-one-out ones.
 # Usage: [SEEDS="0"] bash bench/quality.sh [WORK_DIR]
 # (not timed end to end with five seeds: on 2 shared cores the two random splits took 10 and
-# 7 minutes, and one mlp run on a leave-one-out split takes 3-8 minutes, so budget an hour
-# or more; SEEDS=0 for one run per model)
+# 7 minutes, and one mlp run on a leave-one-out split takes 2-8 minutes, so budget an hour
+# or more; bpmf's five seeds beside mf's took 8 and 15 minutes of a machine busy with other
+# runs, the implicit peers about a minute per leave-one-out split; SEEDS=0 for one run per
+# model)
 W=${1:-bench/out/quality}
 SEEDS=${SEEDS:-0 1 2 3 4}
 source "$(dirname "$0")/lib.sh"
