@@ -1,4 +1,5 @@
-"""The model families: biased MF, the deep MF, and the NCF family (GMF, MLP, NeuMF).
+"""The model families: biased MF (and bpmf, the same model fitted by Gibbs sampling in
+recpipe/bayes.py), the deep MF, and the NCF family (GMF, MLP, NeuMF).
 
 Each family is one class: the network plus what it declares to the stages through
 ``recpipe.family.Family`` (its default task, the options it reads, how it is scored and
