@@ -250,29 +250,40 @@ class BiasedMF(_Base):
         if not isinstance(objective, ExplicitMSE):
             return super().fold_in(objective, reg, users, items, ratings, n_users, steps, lr,
                                    seed)
-        dev = self.item_factors.weight.device
-        q = self.item_factors.weight.double()
-        bi = self.item_bias.weight.double()[:, 0]
-        mu, scale = float(self.global_mean), float(self.scale)
-        it = torch.tensor(np.asarray(items, dtype=np.int64), device=dev)
-        us = torch.tensor(np.asarray(users, dtype=np.int64), device=dev)
-        x = torch.cat([q[it], torch.ones(len(it), 1, dtype=torch.float64, device=dev)], dim=1)
-        r = torch.tensor(np.asarray(ratings, dtype=np.float64), device=dev)
-        z = (r - mu) / scale - bi[it]
-        d = x.shape[1]
-        A = torch.zeros(n_users, d, d, dtype=torch.float64, device=dev)
-        A.index_add_(0, us, x.unsqueeze(2) * x.unsqueeze(1))
-        rhs = torch.zeros(n_users, d, dtype=torch.float64, device=dev).index_add_(
-            0, us, x * z[:, None])
+        us, sums, rhs = self._user_normal_equations(users, items, ratings, n_users)
+        d = rhs.shape[1]
         counts = torch.bincount(us, minlength=n_users).double()
         lam = (reg * counts).clamp_min(1e-8)      # tiny floor keeps one-rating users solvable
-        A = A + lam[:, None, None] * torch.eye(d, dtype=torch.float64, device=dev)
-        theta = torch.linalg.solve(A, rhs)
+        eye = torch.eye(d, dtype=torch.float64, device=rhs.device)
+        theta = torch.linalg.solve(sums + lam[:, None, None] * eye, rhs)
         rows = {"user_factors": theta[:, :-1].float(), "user_bias": theta[:, -1:].float()}
         method = (f"biased MF fold-in: solved the new user's {d - 1} factors and bias in "
                   f"closed form (ridge regression with the item factors and biases fixed; L2 "
                   f"{reg:g} per rating as in training)")
         return self.with_user_rows(rows), method
+
+    @torch.no_grad()
+    def _user_normal_equations(self, users: np.ndarray, items: np.ndarray,
+                               ratings: np.ndarray, n_users: int
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fold-in's least-squares terms for theta_u = [p_u, b_u] with the item side
+        fixed: x_i = [q_i, 1] and z_i = (r_i - mu) / s - b_i give, per new user, X'X
+        [n_users, d, d] and X'z [n_users, d] (float64, all users at once), beside the users
+        as a tensor on the model's device."""
+        dev = self.item_factors.weight.device
+        it = torch.tensor(np.asarray(items, dtype=np.int64), device=dev)
+        us = torch.tensor(np.asarray(users, dtype=np.int64), device=dev)
+        x = torch.cat([self.item_factors.weight.double()[it],
+                       torch.ones(len(it), 1, dtype=torch.float64, device=dev)], dim=1)
+        r = torch.tensor(np.asarray(ratings, dtype=np.float64), device=dev)
+        bi = self.item_bias.weight.double()[:, 0]
+        z = (r - float(self.global_mean)) / float(self.scale) - bi[it]
+        d = x.shape[1]
+        sums = torch.zeros(n_users, d, d, dtype=torch.float64, device=dev)
+        sums.index_add_(0, us, x.unsqueeze(2) * x.unsqueeze(1))
+        rhs = torch.zeros(n_users, d, dtype=torch.float64, device=dev).index_add_(
+            0, us, x * z[:, None])
+        return us, sums, rhs
 
     @staticmethod
     def _unique_rows(idx: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,8 +332,7 @@ class BayesianMF(BiasedMF):
         dev = self.user_factors.weight.device
         z = (train.ratings.to(dev).double() - float(self.global_mean)) / float(self.scale)
         out = gibbs(train.users.to(dev), train.items.to(dev), z, self.n_users, self.n_items,
-                    self.rank, int(hp["epochs"]), int(hp.get("seed") or 0), self.init_std,
-                    keep=self.user_factors.weight.shape[1])
+                    self.rank, int(hp["epochs"]), int(hp.get("seed") or 0), self.init_std)
         self.user_factors.weight.copy_(out["user"])
         self.item_factors.weight.copy_(out["item"])
         self.user_bias.weight.copy_(out["user_bias"][:, None])
@@ -338,28 +348,17 @@ class BayesianMF(BiasedMF):
         (r_i - mu) / s - b_i: theta = (C^-1 + alpha X'X)^-1 (C^-1 m + alpha X'z), all users at
         once in float64; a user without ratings gets the mean row. ``reg`` is not used (the
         chain has none)."""
-        dev = self.item_factors.weight.device
         known = self.known_user
         rows = torch.cat([self.user_factors.weight[known], self.user_bias.weight[known]],
                          1).double()
         d = rows.shape[1]
-        eye = torch.eye(d, dtype=torch.float64, device=dev)
+        eye = torch.eye(d, dtype=torch.float64, device=rows.device)
         m = rows.mean(0)
         cov = (rows - m).T @ (rows - m) / max(1, rows.shape[0] - 1)
         prior = torch.linalg.inv(cov + 1e-6 * (cov.diagonal().mean() + 1e-12) * eye)
         alpha = float(self.noise_precision)
-        it = torch.tensor(np.asarray(items, dtype=np.int64), device=dev)
-        us = torch.tensor(np.asarray(users, dtype=np.int64), device=dev)
-        x = torch.cat([self.item_factors.weight.double()[it],
-                       torch.ones(len(it), 1, dtype=torch.float64, device=dev)], 1)
-        r = torch.tensor(np.asarray(ratings, dtype=np.float64), device=dev)
-        bi = self.item_bias.weight.double()[:, 0]
-        z = (r - float(self.global_mean)) / float(self.scale) - bi[it]
-        a = torch.zeros(n_users, d, d, dtype=torch.float64, device=dev)
-        a.index_add_(0, us, x.unsqueeze(2) * x.unsqueeze(1))
-        rhs = torch.zeros(n_users, d, dtype=torch.float64, device=dev).index_add_(
-            0, us, x * z[:, None])
-        theta = torch.linalg.solve(a * alpha + prior, rhs * alpha + prior @ m)
+        _, sums, rhs = self._user_normal_equations(users, items, ratings, n_users)
+        theta = torch.linalg.solve(sums * alpha + prior, rhs * alpha + prior @ m)
         out = {"user_factors": theta[:, :-1].float(), "user_bias": theta[:, -1:].float()}
         method = (f"Bayesian MF fold-in: the posterior mean of the new user's {d - 1} factors "
                   f"and bias with the item side fixed, under the Gaussian of the trained "

@@ -647,9 +647,10 @@ def refit(cfg: TrainConfig, data: Data, trainer: Trainer, out_dir: Path) -> torc
     factors = [float(h["lr"]) / cfg.lr if cfg.lr else 1.0
                for h in trainer.history[:trainer.best_epoch]]
     # the merged keys and CSR only where the refit reads them: sampled negatives, a closed
-    # form (the test is evaluated on ``data``, not on the merged copy)
+    # form that reads the CSR (the test is evaluated on ``data``, not on the merged copy)
     merged = with_valid_in_train(data, keys=trainer.objective.draws_negatives,
-                                 csr=not trainer.by_epochs)
+                                 csr=not trainer.by_epochs
+                                 and trainer.cls.closed_form_input == "csr")
     t2 = Trainer(cfg, merged, out_dir, trainer.command, is_refit=True)
     try:
         trainer.train_seconds += t2.fit(lr_factors=factors)
