@@ -57,7 +57,9 @@ peer_implicit() {  # DIR NAME
 for ds in ml-100k ml-latest-small; do
   D="$W/$ds-random"
   pipeline "$D" --strategy random --seed 42 -- --input "$SHARED/movielens/$ds"
-  seeds "$D" "$ds-random" "bpmf:mf deepmf:mf autorec:mf" mf bpmf deepmf autorec
+  # blend (last: it stacks the four models of the same seed, trained just before it)
+  seeds "$D" "$ds-random" "bpmf:mf deepmf:mf autorec:mf blend:bpmf blend:mf" \
+    mf bpmf deepmf autorec blend
   peer "$D" "$ds-random"
 done
 # leave-one-out + 99 sampled negatives: ML-100K on the split seed 42, ml-latest-small on 0
@@ -65,7 +67,7 @@ for spec in ml-100k:42 ml-latest-small:0; do
   ds=${spec%%:*}
   D="$W/$ds-loo"
   pipeline "$D" --strategy loo --negatives 99 --seed "${spec##*:}" -- --input "$SHARED/movielens/$ds"
-  seeds "$D" "$ds-loo" "neumf:gmf neumf:ease gmf:ease mlp:ease multvae:ease" \
-    gmf mlp neumf ease multvae
+  seeds "$D" "$ds-loo" "neumf:gmf neumf:ease gmf:ease mlp:ease multvae:ease blend:ease" \
+    gmf mlp neumf ease multvae blend
   peer_implicit "$D" "$ds-loo"
 done

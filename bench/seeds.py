@@ -23,6 +23,8 @@ better", "B better" or "not separable". Bootstrap centres (metrics of the seed-a
 values) can differ slightly from the seed means for RMSE (the sqrt of an average is not the
 average of sqrts); the JSON gives both differences.
 
+The runs go seed by seed (every model at seed 0, then every model at seed 1, ...), so a model
+that combines models listed before it (``--model blend``) combines those of its own seed.
 Every run overwrites DIR/60_train/M, so afterwards it holds the last seed's model; each run's
 metrics.json is kept beside the JSON result (OUT without .json/M/seedS.metrics.json). Covers the
 explicit and the sampled-candidate implicit protocols (stage 40's test_candidates.npz: loo,
@@ -276,35 +278,38 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_model(args: argparse.Namespace, model: str, commands: list[str]
+def run_seed(args: argparse.Namespace, model: str, seed: int, commands: list[str],
+             first: "Units | None") -> tuple[dict[str, Any], Units]:
+    """One run of ``model`` at ``seed``: (its row of the report, its test units)."""
+    commands.append(train(args.data_dir, model, seed, args.train_args))
+    metrics, units = score_test_units(args.data_dir, model)
+    # the next seed overwrites DIR/60_train/MODEL: keep this run's metrics.json
+    kept = args.out.with_suffix("") / model / f"seed{seed}.metrics.json"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(args.data_dir / "60_train" / model / "metrics.json", kept)
+    if first is not None and (units.task != first.task
+                              or not np.array_equal(units.users, first.users)):
+        raise PipelineError(f"{model}: seed {seed} was trained for another task or test "
+                            f"split than seed {args.seeds[0]}; the split must stay fixed")
+    names = METRICS[units.task] + EXTRA[units.task]
+    run = {"seed": seed, "command": commands[-1], "metrics_json": str(kept),
+           "test": {k: metrics["test"][k] for k in names},
+           "valid": {k: metrics["valid"][k] for k in names},
+           "recomputed_test": {k: units.metric(k) for k in METRICS[units.task]},
+           "best_epoch": metrics["best_epoch"],
+           "train_seconds": metrics["train_seconds"]}
+    print(f"  {model} seed {seed}: test "
+          + ", ".join(f"{k} {run['test'][k]:.4f}" for k in names)
+          + " (recomputed from model.pt: "
+          + ", ".join(f"{v:.6f}" for v in run["recomputed_test"].values())
+          + f"), best epoch {metrics['best_epoch']}, {metrics['train_seconds']:.1f}s",
+          flush=True)
+    return run, units
+
+
+def summarise(runs: list[dict[str, Any]], per_seed_units: list[Units]
               ) -> tuple[dict[str, Any], Units]:
-    """Every seed of ``model``: (its report, its units with the values averaged over seeds)."""
-    runs, per_seed_units = [], []
-    for seed in args.seeds:
-        commands.append(train(args.data_dir, model, seed, args.train_args))
-        metrics, units = score_test_units(args.data_dir, model)
-        # the next seed overwrites DIR/60_train/MODEL: keep this run's metrics.json
-        kept = args.out.with_suffix("") / model / f"seed{seed}.metrics.json"
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(args.data_dir / "60_train" / model / "metrics.json", kept)
-        if per_seed_units and (units.task != per_seed_units[0].task
-                               or not np.array_equal(units.users, per_seed_units[0].users)):
-            raise PipelineError(f"{model}: seed {seed} was trained for another task or test "
-                                f"split than seed {args.seeds[0]}; the split must stay fixed")
-        names = METRICS[units.task] + EXTRA[units.task]
-        runs.append({"seed": seed, "command": commands[-1], "metrics_json": str(kept),
-                     "test": {k: metrics["test"][k] for k in names},
-                     "valid": {k: metrics["valid"][k] for k in names},
-                     "recomputed_test": {k: units.metric(k) for k in METRICS[units.task]},
-                     "best_epoch": metrics["best_epoch"],
-                     "train_seconds": metrics["train_seconds"]})
-        per_seed_units.append(units)
-        print(f"  {model} seed {seed}: test "
-              + ", ".join(f"{k} {runs[-1]['test'][k]:.4f}" for k in names)
-              + " (recomputed from model.pt: "
-              + ", ".join(f"{v:.6f}" for v in runs[-1]["recomputed_test"].values())
-              + f"), best epoch {metrics['best_epoch']}, {metrics['train_seconds']:.1f}s",
-              flush=True)
+    """A model's report over its seeds, and its units with the values averaged over seeds."""
     task = per_seed_units[0].task
     names = METRICS[task] + EXTRA[task]
     report = {
@@ -389,9 +394,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logging.getLogger("recpipe").setLevel(logging.WARNING)
     commands: list[str] = []
+    # seed-major: every model of a seed runs before the next seed, so that a model built
+    # from others trained just before it (--model blend, neumf --pretrained) combines the
+    # runs of the same seed
+    runs: dict[str, list] = {m: [] for m in args.models}
+    seen: dict[str, list] = {m: [] for m in args.models}
+    for seed in args.seeds:
+        for m in args.models:
+            run, u = run_seed(args, m, seed, commands, seen[m][0] if seen[m] else None)
+            runs[m].append(run)
+            seen[m].append(u)
     reports, units = {}, {}
     for m in args.models:
-        reports[m], units[m] = run_model(args, m, commands)
+        reports[m], units[m] = summarise(runs[m], seen[m])
     pairs = compare(args, reports, units)
     print_tables(args, reports, pairs)
     result = {"data_dir": str(args.data_dir), "seeds": args.seeds,

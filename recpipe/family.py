@@ -12,7 +12,9 @@
   rather than being one matrix product, which sizes the scoring blocks;
 - ``fit_by``: ``"epochs"`` of mini-batches (stage 60's loop) or ``"closed_form"``
   (``fit_closed_form``, once, on the binary train CSR or, with ``closed_form_input =
-  "pairs"``, the train ratings: bpmf's Gibbs chain); ``batches``: what an epoch iterates,
+  "pairs"``, the train ratings: bpmf's Gibbs chain, or with ``"data"`` the whole split:
+  blend, which fits on the validation part; the fit's ``hp["is_refit"]`` says whether it is
+  the refit on train + valid); ``batches``: what an epoch iterates,
   ``"pairs"`` (through ``forward`` and the task's objective) or ``"rows"`` (``row_data`` /
   ``row_loss`` / ``rows_done``: the autoencoders);
 - its row-sparse tables: ``user_tables()`` and ``item_tables()`` (created with
@@ -153,7 +155,8 @@ class Family(nn.Module):
     input: ClassVar[str] = "pairs"
     per_pair_scoring: ClassVar[bool] = False
     fit_by: ClassVar[str] = "epochs"
-    # what fit_closed_form reads: the binary train CSR ("csr") or the train ratings ("pairs")
+    # what fit_closed_form reads: the binary train CSR ("csr"), the train ratings ("pairs") or
+    # the whole Data ("data": blend)
     closed_form_input: ClassVar[str] = "csr"
     # what an epoch iterates: "pairs" (batches of (user, item) samples through forward and
     # the objective) or "rows" (batches of CSR rows through row_data / row_loss / rows_done)

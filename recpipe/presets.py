@@ -60,6 +60,11 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     # Gibbs sampling (recpipe/bayes.py): epochs = sweeps (a quarter burn-in), dim = the rank
     # of each sample; no lr and no reg (the chain samples every precision). docs/presets.md
     ("bpmf", "explicit"): {"dim": 16, "init_std": 0.1, "epochs": 200},
+    # a stack of trained explicit models, weights fitted on validation (recpipe/blend.py);
+    # reg chosen on cross-fitted validation from Blend.reg_grid (docs/presets.md)
+    ("blend", "explicit"): {"epochs": 1, "members": ["bpmf", "autorec", "mf", "deepmf"]},
+    ("blend", "implicit"): {"epochs": 1,
+                            "members": ["ease", "gmf", "neumf", "mlp", "multvae"]},
     # autoencoders (recpipe/autoencoders.py): batch_size counts ROWS (autorec: items,
     # multvae: users); autorec's reg is the paper's lambda (docs/presets.md)
     ("autorec", "explicit"): {"dim": 500, "lr": 3e-3, "batch_size": 64, "reg": 100.0,

@@ -376,7 +376,7 @@ def fold_in(rec: Recommender, users: np.ndarray, items: np.ndarray, ratings: np.
 
 
 def _score_label(rec: Recommender) -> tuple[str, str]:
-    return "score", (type(rec.model).score_label
+    return "score", (getattr(rec.model, "score_label", None)    # a family's, or a model's
                      or for_task(rec.task).score_label(rec.rating_scale))
 
 

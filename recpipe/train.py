@@ -264,7 +264,8 @@ class Trainer:
         """One pass over the train part; returns (mean loss, samples)."""
         cfg, data, model, objective = self.cfg, self.data, self.model, self.objective
         if not self.by_epochs:
-            model.fit_closed_form(self._closed_form_train(), config_dict(cfg))
+            model.fit_closed_form(self._closed_form_train(),
+                                  {**config_dict(cfg), "is_refit": self.is_refit})
             return 0.0, len(data.train)
         model.train()
         self.epoch_factor = self._lr_factor_for(self.epoch + 1, factors)
@@ -536,7 +537,9 @@ class Trainer:
                 else [float(r) for r in getattr(self.cls, "reg_grid", ())] or [None])
         # the history's recency half-life (EASE): --recency, else the family's grid when stage
         # 40 wrote timestamps, else off; every candidate is scored for every reg (one fit)
-        recency = getattr(model, "half_life", None)
+        # (a family that searches it declares recency_grid; a blend passes its member's on)
+        recency = (getattr(model, "half_life", None) if hasattr(self.cls, "recency_grid")
+                   else None)
         if recency is None:
             halves = [None]
         elif cfg.recency is not None:
@@ -560,7 +563,7 @@ class Trainer:
                     log.info("stopping the grid: --max-seconds %.0f reached", cfg.max_seconds)
                     break
                 t0 = time.perf_counter()
-                fit({**config_dict(cfg), "reg": reg})
+                fit({**config_dict(cfg), "reg": reg, "is_refit": refit})
                 fitted = reg
                 if self.dev.type == "cuda":
                     torch.cuda.synchronize()
@@ -599,13 +602,13 @@ class Trainer:
                     t_fit = 0.0
                     self._write_history()
             if not refit and self.best_epoch and fitted != best_reg:
-                fit({**config_dict(cfg), "reg": best_reg})
+                fit({**config_dict(cfg), "reg": best_reg, "is_refit": False})
             if not refit and best_half is not None:
                 model.half_life.fill_(best_half)
             spent = time.perf_counter() - t_run
         if not refit:
             self.train_seconds += spent
-            if len(grid) > 1 and best_reg in (grid[0], grid[-1]):
+            if len(grid) > 1 and best_reg in (grid[0], grid[-1]) and best_reg != 0:
                 log.warning("reg %s, the best on validation, is at the edge of the grid %s: "
                             "the optimum may lie beyond; try --reg values past it", best_reg,
                             grid)
@@ -624,9 +627,10 @@ class Trainer:
 
     def _closed_form_train(self):
         """What a closed-form fit reads (the family's ``closed_form_input``): the binary
-        train CSR (``"csr"``: EASE) or the train ratings as a ``dataset.Part`` (``"pairs"``:
-        bpmf)."""
-        return self.data.train if self.cls.closed_form_input == "pairs" else self.data.train_csr
+        train CSR (``"csr"``: EASE), the train ratings as a ``dataset.Part`` (``"pairs"``:
+        bpmf) or the whole ``Data`` (``"data"``: blend, which fits on the validation part)."""
+        return {"pairs": self.data.train, "data": self.data}.get(self.cls.closed_form_input,
+                                                                 self.data.train_csr)
 
     def _warn_if_constant(self) -> None:
         """Early stopping ended a run whose validation metric never moved: the model most

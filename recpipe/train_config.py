@@ -90,6 +90,8 @@ class TrainConfig:
                                     + PRESET)
     patience: Optional[int] = opt(None, "stop after this many epochs without validation "
                                   "improvement" + PRESET)
+    members: Optional[list[str]] = opt(None, "the trained models a stack combines ("
+                                       + _uses("members") + ")" + PRESET)
     pretrained: bool = opt(False, "initialise from the trained models this family is built "
                            "from (" + _uses("pretrained") + "; train those first on the same "
                            "data with matching sizes, e.g. --dim / --layers), see --alpha")
@@ -162,6 +164,10 @@ class TrainConfig:
         if self.layers is not None and (len(self.layers) < 1 or min(self.layers) < 1):
             raise PipelineError(f"--layers must be positive sizes, got {self.layers}")
         cls = family(self.model)
+        if self.members is not None and "members" not in cls.options:
+            users = [n for n, c in REGISTRY.items() if "members" in c.options]
+            raise PipelineError(f"--members applies to --model {' / '.join(users)} only, "
+                                f"got {self.model}")
         if self.pretrained and not cls.pretrain_from:
             users = [n for n, c in REGISTRY.items() if c.pretrain_from]
             raise PipelineError(f"--pretrained applies to --model {' / '.join(users)} only, "
@@ -290,7 +296,9 @@ def for_data(cfg: TrainConfig, data: Data) -> TrainConfig:
 
 def model_args(cfg: TrainConfig, data: Data) -> dict[str, Any]:
     """Constructor arguments (plain types) of the chosen family."""
-    hp = {k: getattr(cfg, k) for k in ("dim", "hidden", "layers", "dropout", "init_std")}
+    hp = {k: getattr(cfg, k) for k in ("dim", "hidden", "layers", "dropout", "init_std",
+                                       "members")}
+    hp["data_dir"] = str(cfg.data_dir)
     sparse = cfg.optimizer in ("sparse_adam", "adagrad")
     return family(cfg.model).from_config(hp, cfg.task, data.global_mean, data.rating_std,
                                          sparse)
