@@ -227,6 +227,7 @@ class Blend(Family):
         """Fit the stacking weights on ``data.valid`` from the members' train-only models
         (module docstring); ``hp["is_refit"]``: then load the members' final models."""
         data_dir, dev = Path(hp["data_dir"]), self.global_mean.device
+        self.eval()            # the members score as they are evaluated: no dropout, no noise
         if len(data.valid) == 0:
             raise PipelineError("--model blend fits its weights on the validation split, "
                                 "which is empty here; split with a validation part")

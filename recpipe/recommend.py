@@ -575,6 +575,8 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
     cfg = parse_config(RecommendConfig, argv, PROG, DESCRIPTION)
     print_config(cfg, PROG)
     set_seed(cfg.seed)
+    # stage 60's numerics (train.run), so that a model ranks here as it was evaluated there
+    torch.set_flush_denormal(True)
     device = resolve_device(cfg.device)
     rec = load_recommender(cfg.data_dir, cfg.model, device)
     t0 = time.perf_counter()

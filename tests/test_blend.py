@@ -56,12 +56,18 @@ def rand(tmp_path_factory):
                      "60_train.py", ""))
     run(parse_config(TrainConfig, [*common, "--model", "bpmf", "--dim", "8", "--epochs", "16"],
                      "60_train.py", ""))
+    # a member with dropout (0.5 in its preset): the blend must score it in eval mode
+    run(parse_config(TrainConfig, [*common, "--model", "deepmf", "--epochs", "2"],
+                     "60_train.py", ""))
     return d
+
+
+MEMBERS = ("mf", "bpmf", "deepmf")
 
 
 def _blend(d, *extra):
     return run(parse_config(TrainConfig, ["--data-dir", str(d), "--threads", "2", "--device",
-                                          "cpu", "--model", "blend", "--members", "mf", "bpmf",
+                                          "cpu", "--model", "blend", "--members", *MEMBERS,
                                           *extra], "60_train.py", ""))
 
 
@@ -76,8 +82,8 @@ def test_blend_protocol_on_ml100k(rand):
     m = _blend(rand)
     data = load_data(rand, "explicit", torch.device("cpu"))
     d60 = rand / "60_train"
-    sel = {n: load_model(d60 / n, "cpu", "selected.pt")[0] for n in ("mf", "bpmf")}
-    fin = {n: load_model(d60 / n, "cpu", "model.pt")[0] for n in ("mf", "bpmf")}
+    sel = {n: load_model(d60 / n, "cpu", "selected.pt")[0] for n in MEMBERS}
+    fin = {n: load_model(d60 / n, "cpu", "model.pt")[0] for n in MEMBERS}
     model, meta = load_model(d60 / "blend", "cpu")
     reg = meta["config"]["reg"]
     assert reg in blend.Blend.reg_grid and m["best_epoch"] >= 1
@@ -85,7 +91,7 @@ def test_blend_protocol_on_ml100k(rand):
 
     def preds(ms, p):
         return torch.stack([predict_pairs(ms[n], p.users, p.items).clamp(1, 5)
-                            for n in ("mf", "bpmf")], 1)
+                            for n in MEMBERS], 1)
 
     def feats(p, tr_users, tr_items):
         fu = torch.log1p(torch.bincount(tr_users, minlength=data.n_users).double()).float()
@@ -95,7 +101,7 @@ def test_blend_protocol_on_ml100k(rand):
     fu, fi = feats(v, data.train.users, data.train.items)
     mean_u, mean_i = fu[v.users].mean(), fi[v.items].mean()
     x = blend.design(preds(sel, v), fu[v.users] - mean_u, fi[v.items] - mean_i)
-    prior = torch.tensor([0, 0.5, 0.5] + [0] * 6, dtype=torch.float64)
+    prior = torch.tensor([0] + [1 / 3] * 3 + [0] * 8, dtype=torch.float64)
     # out of fold: each validation user's pairs by the weights fitted without their fold
     folds = model.user_fold  # zero after the refit; rebuild them as the fit draws them
     assert int(folds.abs().sum()) == 0
@@ -130,7 +136,7 @@ def test_blend_protocol_on_ml100k(rand):
     pred = with_fallback(model, t.users, t.items, (xt.double() @ w_all).float())
     assert m["test"]["rmse"] == pytest.approx(_rmse(pred, t.ratings), abs=1e-5)
     assert m["test"]["rmse_n"] == len(t)
-    member = {n: json.loads((d60 / n / "metrics.json").read_text()) for n in ("mf", "bpmf")}
+    member = {n: json.loads((d60 / n / "metrics.json").read_text()) for n in MEMBERS}
     assert m["valid"]["rmse"] < min(r["valid"]["rmse"] for r in member.values())
     assert m["test"]["rmse"] < max(r["test"]["rmse"] for r in member.values())
     # stage 70: a known user, and a new one folded into every member
@@ -146,9 +152,9 @@ def test_blend_folds_in_a_new_user(rand, tmp_path):
 def test_blend_refuses_members_it_cannot_use(rand, tmp_path):
     """A member never trained, or trained on another stage-40 output: one line naming the
     command to run."""
-    with pytest.raises(PipelineError, match=r"60_train\.py --data-dir .* --model deepmf"):
+    with pytest.raises(PipelineError, match=r"60_train\.py --data-dir .* --model autorec"):
         run(parse_config(TrainConfig, ["--data-dir", str(rand), "--model", "blend",
-                                       "--members", "mf", "deepmf"], "60_train.py", ""))
+                                       "--members", "mf", "autorec"], "60_train.py", ""))
     other = tmp_path / "other"
     shutil.copytree(rand, other)
     man = other / "60_train" / "bpmf" / "manifest.json"
