@@ -161,16 +161,29 @@ def parse_config(cfg_cls: type, argv: Sequence[str] | None, prog: str, descripti
         sink = quiet.enter_context(open(os.devnull, "w"))
         quiet.enter_context(contextlib.redirect_stdout(sink))
         quiet.enter_context(contextlib.redirect_stderr(sink))
-    with quiet:
-        ns = parser.parse_args(argv)
-        cfg = cfg_cls(**vars(ns))
-        check = getattr(cfg, "validate", None)
-        if check is not None:
-            try:
-                check()
-            except PipelineError as e:
-                parser.error(str(e))
+    try:
+        with quiet:
+            ns = parser.parse_args(argv)
+            cfg = cfg_cls(**vars(ns))
+            check = getattr(cfg, "validate", None)
+            if check is not None:
+                try:
+                    check()
+                except PipelineError as e:
+                    parser.error(str(e))
+    except SystemExit:
+        _let_rank0_report()
+        raise
     return cfg
+
+
+def _let_rank0_report(seconds: float = 5.0) -> None:
+    """Under torchrun, a rank other than 0 that meets the same user error as rank 0 waits
+    before exiting: its exit makes torchrun stop every rank, which could kill rank 0 before
+    it has printed the one error line (rank 0's own exit ends this wait)."""
+    if _rank() != 0:
+        import time
+        time.sleep(seconds)
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:
@@ -274,6 +287,7 @@ def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | 
         # under torchrun every rank meets the same user error: rank 0 reports it
         if _rank() == 0 or os.environ.get("RECPIPE_VERBOSE") == "1":
             print(f"error: {e}", file=sys.stderr)
+        _let_rank0_report()
         return 1
     except OSError as e:
         if os.environ.get("RECPIPE_VERBOSE") == "1":
