@@ -175,17 +175,16 @@ class Blend(Family):
                             "reg": float((meta.get("config") or {}).get("reg") or 0.0)})
         return {"members": members, "task": task, "global_mean": global_mean, "scale": scale}
 
-    @property
-    def half_life(self) -> torch.Tensor:
-        """The recency half-life of the history (a member's, EASE's ``--recency``; 0: none),
-        which stages 60 and 70 read to weigh the rows they pass (evaluation.history_before)."""
-        lives = {float(p.half_life) for p in self.parts.values()
-                 if float(getattr(p, "half_life", 0.0)) > 0}
+    def history_half_life(self) -> float:
+        """The members' (EASE's ``--recency``; 0: none): the rows are weighted for that
+        member, and binarised again for the others (``_history``)."""
+        lives = {p.history_half_life() for p in self.parts.values()
+                 if p.history_half_life() > 0}
         if len(lives) > 1:
             raise PipelineError(f"--model blend: the members weigh their histories by "
                                 f"different recency half-lives {sorted(lives)}; retrain all "
                                 f"but one with --recency 0")
-        return torch.tensor(lives.pop() if lives else 0.0)
+        return lives.pop() if lives else 0.0
 
     def _history(self, part, history: torch.Tensor | None) -> torch.Tensor | None:
         """The rows member ``part`` scores from: the (possibly recency-weighted) history for
@@ -193,7 +192,7 @@ class Blend(Family):
         members."""
         if part.input != "rows" or history is None:
             return None
-        if float(getattr(part, "half_life", 0.0)) > 0:
+        if part.history_half_life() > 0:
             return history
         return (history > 0).to(history.dtype)
 
@@ -240,11 +239,9 @@ class Blend(Family):
         if hp.get("is_refit"):
             self.user_fold.zero_()                  # every user: the all-validation weights
             self._load_parts(data_dir, data.fingerprint, selection=False)
-            tr = data.train
-            self.user_support.copy_(_support(torch.bincount(tr.users.to(dev),
-                                                            minlength=self.n_users)))
-            self.item_support.copy_(_support(torch.bincount(tr.items.to(dev),
-                                                            minlength=self.n_items)))
+            tu, ti = _train_counts(data, self.n_users, self.n_items, False, dev)
+            self.user_support.copy_(_support(tu))      # the refit's: train + valid
+            self.item_support.copy_(_support(ti))
         n_m = len(self.members)
         w = self.weights[0, 1:1 + n_m] if self.task == "explicit" else self.weights[0]
         log.info("blend of %s, reg %g: weights %s%s", " ".join(
@@ -300,7 +297,7 @@ class Blend(Family):
         key = "|".join(files)
         if self._cache.get("key") != key:
             cu, ci = (t.to(dev) for t in data.candidates["valid"])
-            h = float(self.half_life)
+            h = self.history_half_life()
             # the rows the train-only members score validation from: train (stage 40's files
             # when weighted; the refit's train part also holds valid, so take it back out)
             hist = (weighted_history(data, "valid", h) if h > 0

@@ -73,7 +73,7 @@ def history_before(model: nn.Module, data: Data, part: str) -> sp.csr_matrix | N
     None for the pair families, which score without them."""
     if not _wants_rows(model):
         return None
-    half_life = float(getattr(model, "half_life", 0.0))
+    half_life = model.history_half_life()
     if half_life > 0:
         return weighted_history(data, part, half_life)
     return known_before(data, part)

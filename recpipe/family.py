@@ -244,6 +244,12 @@ class Family(nn.Module):
         """[U, n_items] scores of users [U] against every item."""
         return self(users[:, None], torch.arange(self.n_items, device=users.device)[None, :])
 
+    def history_half_life(self) -> float:
+        """The recency half-life the history rows are weighted by when this model scores
+        them (stages 60 and 70 weigh the rows they pass: ``evaluation.history_before``); 0 =
+        binary rows. A family with a ``half_life`` buffer (EASE's ``--recency``) has it."""
+        return float(getattr(self, "half_life", 0.0))
+
     def item_vectors(self) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} has no item vectors")
 

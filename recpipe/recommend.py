@@ -199,7 +199,7 @@ def load_recommender(data_dir: Path, model_name: str, device: torch.device) -> R
     task = str(meta.get("task", "explicit"))
     lo, hi = meta.get("rating_scale") or m40.get("rating_scale") or (float("nan"),) * 2
     history = None
-    half_life = float(getattr(model, "half_life", 0.0))
+    half_life = model.history_half_life()
     if half_life > 0:
         time_path = stage_dir(data_dir, "40_make_sparse_matrix") / "train_time.npy"
         if not time_path.exists():
@@ -486,7 +486,7 @@ def recommend_new_user(rec: Recommender, cfg: RecommendConfig) -> pd.DataFrame:
                              (np.zeros(len(items), dtype=np.int64), items)),
                             shape=(1, rec.n_items))
     history = None
-    half_life = float(getattr(fold.model, "half_life", 0.0))
+    half_life = fold.model.history_half_life()
     if half_life > 0:           # the file's order is the history's: its last line the latest
         exclude.sum_duplicates()
         line = np.full(rec.n_items, -1, dtype=np.int64)

@@ -537,9 +537,7 @@ class Trainer:
                 else [float(r) for r in getattr(self.cls, "reg_grid", ())] or [None])
         # the history's recency half-life (EASE): --recency, else the family's grid when stage
         # 40 wrote timestamps, else off; every candidate is scored for every reg (one fit)
-        # (a family that searches it declares recency_grid; a blend passes its member's on)
-        recency = (getattr(model, "half_life", None) if hasattr(self.cls, "recency_grid")
-                   else None)
+        recency = getattr(model, "half_life", None)
         if recency is None:
             halves = [None]
         elif cfg.recency is not None:

@@ -202,7 +202,7 @@ def test_implicit_blend_of_one_member_ranks_as_it(loo):
     ease = json.loads((loo / "60_train" / "ease" / "metrics.json").read_text())
     assert ease["config"]["recency"] == 5.0
     model, _ = load_model(loo / "60_train" / "blend", "cpu")
-    assert float(model.half_life) == 5.0 and model.input == "rows"
+    assert model.history_half_life() == 5.0 and model.input == "rows"
     assert float(model.weights[0, 0]) > 0
     for part in ("valid", "test"):
         for k in ("hr@10", "ndcg@10"):
