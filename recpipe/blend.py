@@ -146,13 +146,9 @@ class Blend(Family):
             for m in self.members})
         # scored from the history rows when a member is (scoring.py reads ``input``)
         self.input = "rows" if any(p.input == "rows" for p in self.parts.values()) else "pairs"
-        n_m = len(self.members)
-        n_w = FEATURES * (1 + n_m) if task == "explicit" else n_m
-        names = ", ".join(m["name"] for m in self.members)
-        self.score_label = (
-            f"score = predicted rating, a weighted stack of {names} (not clipped)"
-            if task == "explicit" else
-            f"score = weighted sum of {names}'s scores, each standardised over the items")
+        self.stack = STACKS[task]              # how this task's members are combined
+        n_w = self.stack.n_weights(len(self.members))
+        self.score_label = self.stack.label(", ".join(m["name"] for m in self.members))
         # row 0: fitted on every validation pair; row k: without fold k (user_fold == k)
         self.register_buffer("weights", torch.zeros(1 + FOLDS, n_w, dtype=torch.float64))
         self.register_buffer("user_fold", torch.zeros(n_users, dtype=torch.long))
@@ -216,11 +212,6 @@ class Blend(Family):
                 for p in self.parts.values()]
         return torch.stack(cols, 1)
 
-    def _features(self, users: torch.Tensor, items: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self.user_support[users] - self.support_mean[0],
-                self.item_support[items] - self.support_mean[1])
-
     @torch.no_grad()
     def fit_closed_form(self, data, hp: dict[str, Any]) -> None:
         """Fit the stacking weights on ``data.valid`` from the members' train-only models
@@ -232,21 +223,25 @@ class Blend(Family):
                                 "which is empty here; split with a validation part")
         files = self._load_parts(data_dir, data.fingerprint, selection=True)
         reg = float(hp["reg"] if hp.get("reg") is not None else self.reg_grid[0])
-        if self.task == "explicit":
-            self._fit_ratings(data, files, reg, hp)
-        else:
-            self._fit_ranking(data, files, reg, hp)
+        key = "|".join(files)
+        if self._cache.get("key") != key:           # once per run, not per --reg candidate
+            self._cache = {"key": key, **self.stack.inputs(self, data, hp)}
+        c = self._cache
+        prior = self.stack.prior(self, c)
+        self.weights[0] = self.stack.solve(c, None, reg, prior)
+        fold = self._folds(c["users"], int(hp.get("seed") or 0))
+        for k in range(1, FOLDS + 1):
+            self.weights[k] = self.stack.solve(c, fold != k, reg, prior)
         if hp.get("is_refit"):
             self.user_fold.zero_()                  # every user: the all-validation weights
             self._load_parts(data_dir, data.fingerprint, selection=False)
             tu, ti = _train_counts(data, self.n_users, self.n_items, False, dev)
             self.user_support.copy_(_support(tu))      # the refit's: train + valid
             self.item_support.copy_(_support(ti))
-        n_m = len(self.members)
-        w = self.weights[0, 1:1 + n_m] if self.task == "explicit" else self.weights[0]
-        log.info("blend of %s, reg %g: weights %s%s", " ".join(
+        w, unit = self.stack.member_weights(self.weights[0], len(self.members))
+        log.info("blend of %s, reg %g: weights %s (%s)", " ".join(
             m["name"] for m in self.members), reg, " ".join(f"{x:.3f}" for x in w.tolist()),
-            " (at the mean support)" if self.task == "explicit" else " (of z-scores)")
+            unit)
 
     def _folds(self, users: torch.Tensor, seed: int) -> torch.Tensor:
         """A seeded fold 1..FOLDS per distinct user of ``users`` (``user_fold``), returned per
@@ -258,72 +253,7 @@ class Blend(Family):
         self.user_fold[vu[order]] = torch.arange(len(vu), device=vu.device) % FOLDS + 1
         return self.user_fold[users]
 
-    def _fit_ratings(self, data, files: list[str], reg: float, hp: dict[str, Any]) -> None:
-        dev = self.global_mean.device
-        self.bounds.copy_(torch.tensor([float(x) for x in data.rating_scale]))
-        v = data.valid
-        key = "|".join(files)
-        if self._cache.get("key") != key:           # once per run, not per --reg candidate
-            users, items = v.users.to(dev), v.items.to(dev)
-            self._cache = {"key": key, "preds": self._member_preds(users, items),
-                           "users": users, "items": items,
-                           "y": v.ratings.to(dev).float()}
-            tu, ti = _train_counts(data, self.n_users, self.n_items, hp.get("is_refit"), dev)
-            self._cache["support"] = (_support(tu), _support(ti))
-        c = self._cache
-        self.user_support.copy_(c["support"][0])
-        self.item_support.copy_(c["support"][1])
-        fu, fi = self.user_support[c["users"]], self.item_support[c["items"]]
-        self.support_mean.copy_(torch.stack([fu.mean(), fi.mean()]))
-        fu, fi = self._features(c["users"], c["items"])
-        x = design(c["preds"], fu, fi)
-        n_m = len(self.members)
-        prior = torch.zeros(x.shape[1], dtype=torch.float64, device=dev)
-        prior[1:1 + n_m] = 1.0 / n_m
-        self.weights[0] = ridge(x, c["y"], reg, prior)
-        fold = self._folds(c["users"], int(hp.get("seed") or 0))
-        for k in range(1, FOLDS + 1):
-            keep = fold != k
-            self.weights[k] = ridge(x[keep], c["y"][keep], reg, prior)
-
-    def _fit_ranking(self, data, files: list[str], reg: float, hp: dict[str, Any]) -> None:
-        from .dataset import weighted_history
-        from .scoring import users_per_block
-        dev = self.global_mean.device
-        if "valid" not in data.candidates:
-            raise PipelineError("--model blend on the implicit task fits its weights on the "
-                                "validation split's sampled candidates, which this split has "
-                                "not (split with --strategy loo or ncf)")
-        key = "|".join(files)
-        if self._cache.get("key") != key:
-            cu, ci = (t.to(dev) for t in data.candidates["valid"])
-            h = self.history_half_life()
-            # the rows the train-only members score validation from: train (stage 40's files
-            # when weighted; the refit's train part also holds valid, so take it back out)
-            hist = (weighted_history(data, "valid", h) if h > 0
-                    else _train_only_csr(data, hp.get("is_refit")))
-            z = torch.empty(cu.shape[0], ci.shape[1], len(self.members), device=dev,
-                            dtype=torch.float64)
-            step = users_per_block(self.n_items, dev, 0, False)
-            ub = cu.cpu().numpy()
-            for s in range(0, len(ub), step):
-                rows = hist[ub[s:s + step]]
-                dense = torch.from_numpy(rows.toarray().astype(np.float32)).to(dev)
-                for j, zm in enumerate(self._member_z(cu[s:s + step], dense)):
-                    z[s:s + step, :, j] = zm.gather(1, ci[s:s + step]).double()
-            self._cache = {"key": key, "z": z, "users": cu, "items": ci}
-        c = self._cache
-        n_m = len(self.members)
-        prior = torch.full((n_m,), 1.0 / n_m, dtype=torch.float64, device=dev)
-        # a candidate that repeats the positive's item is not a negative (metrics.py's rule)
-        same = c["items"][:, 1:] == c["items"][:, :1]
-        self.weights[0] = softmax_fit(c["z"], same, reg, prior)
-        fold = self._folds(c["users"], int(hp.get("seed") or 0))
-        for k in range(1, FOLDS + 1):
-            keep = fold != k
-            self.weights[k] = softmax_fit(c["z"][keep], same[keep], reg, prior)
-
-    # -- scoring -----------------------------------------------------------------------------
+    # -- scoring (the task's stack) ------------------------------------------------------
     def _member_z(self, users: torch.Tensor, history: torch.Tensor | None):
         """Each member's [U, n_items] scores of ``users``, fallback included, as z-scores per
         user over every item."""
@@ -333,54 +263,21 @@ class Blend(Family):
             mean, std = s.mean(1, keepdim=True), s.std(1, keepdim=True)
             yield (s - mean) / std.clamp_min(1e-12)
 
-    def _combine(self, preds: torch.Tensor, users: torch.Tensor, items: torch.Tensor
-                 ) -> torch.Tensor:
-        fu, fi = self._features(users, items)
-        w = self.weights[self.user_fold[users]].float()
-        return (design(preds, fu, fi) * w).sum(1)
-
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         u, i = torch.broadcast_tensors(users, items)
         shape, u, i = u.shape, u.reshape(-1), i.reshape(-1)
-        if self.task == "implicit":                 # pair members only (else scoring's rows)
-            uniq, inv = torch.unique(u, return_inverse=True)
-            return self.score_all(uniq)[inv, i].view(shape)
-        from .scoring import with_fallback
-        lo, hi = self.bounds.tolist()
-        cols = [with_fallback(p, u, i, p.score_pairs(u, i).float()).clamp(lo, hi)
-                for p in self.parts.values()]
-        return self._combine(torch.stack(cols, 1), u, i).view(shape)
+        return self.stack.pairs(self, u, i).view(shape)
 
     def score_candidates(self, users: torch.Tensor, items: torch.Tensor,
                          history: torch.Tensor | None = None) -> torch.Tensor:
-        if self.task == "implicit":
-            return self.score_all(users, history).gather(1, items)
-        return self(users[:, None], items)
+        return self.stack.candidates(self, users, items, history)
 
     def score_all(self, users: torch.Tensor, history: torch.Tensor | None = None
                   ) -> torch.Tensor:
         """[U, n_items], one member at a time (the block holds two [U, n_items] arrays, not
-        the design): implicit, sum_m w_m z_m; explicit, sum_m (a_m + b_m f_u + c_m f_i) r_m
-        plus the intercept's terms."""
-        from .scoring import _fallback_all
-        w = self.weights[self.user_fold[users]].float()               # [U, n_w]
-        if self.task == "implicit":
-            out = None
-            for j, z in enumerate(self._member_z(users, history)):
-                out = z * w[:, j, None] if out is None else out.add_(z * w[:, j, None])
-            return out
-        lo, hi = self.bounds.tolist()
-        n = 1 + len(self.members)
-        fu = (self.user_support[users] - self.support_mean[0])[:, None]
-        fi = (self.item_support - self.support_mean[1])[None, :]
-
-        def weight(j: int) -> torch.Tensor:                           # [U, n_items]
-            return w[:, j, None] + w[:, n + j, None] * fu + w[:, 2 * n + j, None] * fi
-
-        out = weight(0)
-        for j, p in enumerate(self.parts.values(), start=1):
-            out += weight(j) * _fallback_all(p, users, p.score_all(users).float()).clamp(lo, hi)
-        return out
+        the design)."""
+        return self.stack.all_items(self, users, self.weights[self.user_fold[users]].float(),
+                                    history)
 
     # -- new users ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -412,6 +309,173 @@ class Blend(Family):
         out.n_users = n_users
         out.eval()
         return out, "blend fold-in, each member's own: " + "; ".join(how)
+
+
+class RatingStack:
+    """Explicit: feature-weighted linear stacking of the members' clipped predicted ratings
+    (module docstring): per member FEATURES weights (1, the user's and the item's centred log
+    support) plus an intercept's, fitted by ``ridge`` toward the members' plain average."""
+
+    @staticmethod
+    def n_weights(n_m: int) -> int:
+        return FEATURES * (1 + n_m)
+
+    @staticmethod
+    def label(names: str) -> str:
+        return f"score = predicted rating, a weighted stack of {names} (not clipped)"
+
+    @staticmethod
+    def member_weights(w: torch.Tensor, n_m: int) -> tuple[torch.Tensor, str]:
+        return w[1:1 + n_m], "at the mean support"
+
+    @staticmethod
+    def inputs(blend: "Blend", data, hp: dict[str, Any]) -> dict[str, Any]:
+        """The validation pairs, the members' predictions of them and the supports."""
+        dev = blend.global_mean.device
+        blend.bounds.copy_(torch.tensor([float(x) for x in data.rating_scale]))
+        v = data.valid
+        users, items = v.users.to(dev), v.items.to(dev)
+        tu, ti = _train_counts(data, blend.n_users, blend.n_items, hp.get("is_refit"), dev)
+        return {"preds": blend._member_preds(users, items), "users": users, "items": items,
+                "y": v.ratings.to(dev).float(), "support": (_support(tu), _support(ti))}
+
+    @staticmethod
+    def prior(blend: "Blend", c: dict[str, Any]) -> torch.Tensor:
+        """Sets the blend's supports and their validation means; the members' average."""
+        blend.user_support.copy_(c["support"][0])
+        blend.item_support.copy_(c["support"][1])
+        fu, fi = blend.user_support[c["users"]], blend.item_support[c["items"]]
+        blend.support_mean.copy_(torch.stack([fu.mean(), fi.mean()]))
+        fu, fi = RatingStack.features(blend, c["users"], c["items"])
+        c["x"] = design(c["preds"], fu, fi)
+        n_m = c["preds"].shape[1]
+        prior = torch.zeros(c["x"].shape[1], dtype=torch.float64, device=c["x"].device)
+        prior[1:1 + n_m] = 1.0 / n_m
+        return prior
+
+    @staticmethod
+    def solve(c: dict[str, Any], keep: torch.Tensor | None, reg: float,
+              prior: torch.Tensor) -> torch.Tensor:
+        if keep is None:
+            return ridge(c["x"], c["y"], reg, prior)
+        return ridge(c["x"][keep], c["y"][keep], reg, prior)
+
+    @staticmethod
+    def features(blend: "Blend", users: torch.Tensor, items: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        return (blend.user_support[users] - blend.support_mean[0],
+                blend.item_support[items] - blend.support_mean[1])
+
+    @staticmethod
+    def pairs(blend: "Blend", u: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        from .scoring import with_fallback
+        lo, hi = blend.bounds.tolist()
+        cols = [with_fallback(p, u, i, p.score_pairs(u, i).float()).clamp(lo, hi)
+                for p in blend.parts.values()]
+        fu, fi = RatingStack.features(blend, u, i)
+        w = blend.weights[blend.user_fold[u]].float()
+        return (design(torch.stack(cols, 1), fu, fi) * w).sum(1)
+
+    @staticmethod
+    def candidates(blend: "Blend", users, items, history) -> torch.Tensor:
+        return blend(users[:, None], items)
+
+    @staticmethod
+    def all_items(blend: "Blend", users: torch.Tensor, w: torch.Tensor,
+                  history: torch.Tensor | None) -> torch.Tensor:
+        """sum_m (a_m + b_m f_u + c_m f_i) r_m plus the intercept's terms; ``w`` [U, n_w]."""
+        from .scoring import _fallback_all
+        lo, hi = blend.bounds.tolist()
+        n = 1 + len(blend.members)
+        fu = (blend.user_support[users] - blend.support_mean[0])[:, None]
+        fi = (blend.item_support - blend.support_mean[1])[None, :]
+
+        def weight(j: int) -> torch.Tensor:                           # [U, n_items]
+            return w[:, j, None] + w[:, n + j, None] * fu + w[:, 2 * n + j, None] * fi
+
+        out = weight(0)
+        for j, p in enumerate(blend.parts.values(), start=1):
+            out += weight(j) * _fallback_all(p, users, p.score_all(users).float()).clamp(lo, hi)
+        return out
+
+
+class RankingStack:
+    """Implicit: each member's scores standardised per user over every item, weighted by a
+    listwise softmax fit of the validation positives against their sampled candidates
+    (``softmax_fit``, module docstring)."""
+
+    @staticmethod
+    def n_weights(n_m: int) -> int:
+        return n_m
+
+    @staticmethod
+    def label(names: str) -> str:
+        return f"score = weighted sum of {names}'s scores, each standardised over the items"
+
+    @staticmethod
+    def member_weights(w: torch.Tensor, n_m: int) -> tuple[torch.Tensor, str]:
+        return w, "of z-scores"
+
+    @staticmethod
+    def inputs(blend: "Blend", data, hp: dict[str, Any]) -> dict[str, Any]:
+        """The validation candidates and each member's z-scores of them."""
+        from .dataset import weighted_history
+        from .scoring import users_per_block
+        dev = blend.global_mean.device
+        if "valid" not in data.candidates:
+            raise PipelineError("--model blend on the implicit task fits its weights on the "
+                                "validation split's sampled candidates, which this split has "
+                                "not (split with --strategy loo or ncf)")
+        cu, ci = (t.to(dev) for t in data.candidates["valid"])
+        h = blend.history_half_life()
+        # the rows the train-only members score validation from: train (stage 40's files
+        # when weighted; the refit's train part also holds valid, so take it back out)
+        hist = (weighted_history(data, "valid", h) if h > 0
+                else _train_only_csr(data, hp.get("is_refit")))
+        z = torch.empty(cu.shape[0], ci.shape[1], len(blend.members), device=dev,
+                        dtype=torch.float64)
+        step = users_per_block(blend.n_items, dev, 0, False)
+        ub = cu.cpu().numpy()
+        for s in range(0, len(ub), step):
+            rows = hist[ub[s:s + step]]
+            dense = torch.from_numpy(rows.toarray().astype(np.float32)).to(dev)
+            for j, zm in enumerate(blend._member_z(cu[s:s + step], dense)):
+                z[s:s + step, :, j] = zm.gather(1, ci[s:s + step]).double()
+        # a candidate that repeats the positive's item is not a negative (metrics.py's rule)
+        return {"z": z, "users": cu, "items": ci, "same": ci[:, 1:] == ci[:, :1]}
+
+    @staticmethod
+    def prior(blend: "Blend", c: dict[str, Any]) -> torch.Tensor:
+        n_m = c["z"].shape[2]
+        return torch.full((n_m,), 1.0 / n_m, dtype=torch.float64, device=c["z"].device)
+
+    @staticmethod
+    def solve(c: dict[str, Any], keep: torch.Tensor | None, reg: float,
+              prior: torch.Tensor) -> torch.Tensor:
+        if keep is None:
+            return softmax_fit(c["z"], c["same"], reg, prior)
+        return softmax_fit(c["z"][keep], c["same"][keep], reg, prior)
+
+    @staticmethod
+    def pairs(blend: "Blend", u: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        uniq, inv = torch.unique(u, return_inverse=True)   # pair members only (else rows)
+        return blend.score_all(uniq)[inv, i]
+
+    @staticmethod
+    def candidates(blend: "Blend", users, items, history) -> torch.Tensor:
+        return blend.score_all(users, history).gather(1, items)
+
+    @staticmethod
+    def all_items(blend: "Blend", users: torch.Tensor, w: torch.Tensor,
+                  history: torch.Tensor | None) -> torch.Tensor:
+        """sum_m w_m z_m; ``w`` [U, n_w]."""
+        out = None
+        for j, z in enumerate(blend._member_z(users, history)):
+            out = z * w[:, j, None] if out is None else out.add_(z * w[:, j, None])
+        return out
+
+
+STACKS = {"explicit": RatingStack, "implicit": RankingStack}
 
 
 def _train_counts(data, n_users: int, n_items: int, is_refit: bool, dev
