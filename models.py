@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from recpipe.family import REGISTRY, Family, family, look, look_side, register
+from recpipe.family import REGISTRY, Family, distinct_rows, family, look, look_side, register
 from recpipe.objectives import ExplicitMSE, Objective
 
 __all__ = ["BiasedMF", "BayesianMF", "DeepMF", "GMF", "MLP", "NeuMF", "MODELS", "build_model"]
@@ -186,7 +186,7 @@ class BiasedMF(_Base):
         sides = []
         for w, b, idx in ((self.user_factors.weight, self.user_bias.weight, users),
                           (self.item_factors.weight, self.item_bias.weight, items)):
-            rows, inv = self._unique_rows(idx, w.shape[0])
+            rows, inv = distinct_rows(idx, w.shape[0], ascending=True)
             sides.append((w, b, rows, inv, w.new_zeros((rows.shape[0], w.shape[1])),
                           b.new_zeros((rows.shape[0], 1))))
         sq = self.user_factors.weight.new_zeros(())
@@ -284,19 +284,6 @@ class BiasedMF(_Base):
         rhs = torch.zeros(n_users, d, dtype=torch.float64, device=dev).index_add_(
             0, us, x * z[:, None])
         return us, sums, rhs
-
-    @staticmethod
-    def _unique_rows(idx: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``torch.unique(idx, sorted=True, return_inverse=True)`` for ids in [0, n): mark and
-        cumsum over the n ids when the table is not much larger than the batch (no sort), a
-        sort of the batch otherwise (a sort costs about what 50 marks do)."""
-        if n > 64 * idx.numel():
-            return torch.unique(idx, sorted=True, return_inverse=True)
-        mark = torch.zeros(n, dtype=torch.bool, device=idx.device)
-        mark[idx] = True
-        rows = mark.nonzero().squeeze(1)
-        pos = mark.cumsum(0).sub_(1)
-        return rows, pos.index_select(0, idx)
 
 
 @register("bpmf")
@@ -477,15 +464,16 @@ class _Tower(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def forward(self, pu: torch.Tensor, qi: torch.Tensor) -> torch.Tensor:
-        return self.rest(torch.relu(self.first_user(pu) + self.first_item(qi)))
+        return self.rest((self.first_user(pu) + self.first_item(qi)).relu_())
 
     def forward_looked(self, user_emb: nn.Embedding, users: torch.Tensor,
                        item_emb: nn.Embedding, items: torch.Tensor) -> torch.Tensor:
         """``forward`` on the rows ``users`` and ``items`` of the two tables, with each
         side's first layer applied once per distinct row in row-compact training
         (``family.look_side``)."""
-        return self.rest(torch.relu(look_side(user_emb, users, self.first_user)
-                                    + look_side(item_emb, items, self.first_item)))
+        # relu in place on the sum (a temporary of its own): one [samples, h] block less
+        return self.rest((look_side(user_emb, users, self.first_user)
+                          + look_side(item_emb, items, self.first_item)).relu_())
 
     def forward_items(self, pu: torch.Tensor, items: torch.Tensor, table: torch.Tensor
                       ) -> torch.Tensor:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import data_args, synthetic  # noqa: E402
-from recpipe.cli import keep_freed_memory  # noqa: E402
+from recpipe.cli import training_numerics  # noqa: E402
 from recpipe.metrics import rmse_mae  # noqa: E402
 from recpipe.scoring import predict_pairs  # noqa: E402
 from recpipe.train import Trainer, TrainConfig  # noqa: E402
@@ -37,8 +37,7 @@ def main() -> None:
                     metavar="BATCH:LR")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
-    keep_freed_memory()                        # as stage 60 does
+    training_numerics()                        # as stage 60 does
     data = synthetic(args.ratings, args.users, args.items, 0, torch.device("cpu"), "explicit")
     v = data.valid
     print(f"synthetic: {len(data.train):,} train, {len(v):,} valid ratings, {args.users:,} "

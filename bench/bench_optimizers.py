@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_train import data_args, synthetic  # noqa: E402
+from recpipe.cli import training_numerics  # noqa: E402
 from recpipe.metrics import rmse_mae, sampled_rank_metrics  # noqa: E402
 from recpipe.scoring import predict_pairs, score_candidates  # noqa: E402
 from recpipe.train import Trainer, TrainConfig  # noqa: E402
@@ -38,7 +39,7 @@ def main() -> None:
     ap.add_argument("--task", default=None, help="default: the family's own")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
+    training_numerics()                        # as stage 60 does
     cfg0 = TrainConfig(model=args.model, task=args.task, lr_schedule="none").resolved()
     data = synthetic(args.ratings, args.users, args.items, 0, torch.device("cpu"), cfg0.task)
     out = Path(__file__).resolve().parent / "out" / "bench_optimizers"

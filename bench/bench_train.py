@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recpipe.cli import keep_freed_memory  # noqa: E402
+from recpipe.cli import training_numerics  # noqa: E402
 from recpipe.dataset import Data, Part  # noqa: E402
 from recpipe.metrics import sampled_rank_metrics  # noqa: E402
 from recpipe.scoring import score_candidates  # noqa: E402
@@ -142,8 +142,7 @@ def main() -> None:
                          "gradients (the old one), --rounds times, side by side")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)      # as stage 60 does (subnormals slow CPU math)
-    keep_freed_memory()                 # as stage 60 does (malloc reuse)
+    training_numerics()                 # as stage 60 does (subnormals, malloc reuse)
     dev = torch.device(args.device)
     out = Path(__file__).resolve().parent / "out" / "bench_train"
     out.mkdir(parents=True, exist_ok=True)

@@ -124,8 +124,9 @@ def main() -> None:
     if args.surprise_only:
         return
     # --- ours -----------------------------------------------------------------------
+    from recpipe.cli import training_numerics
     from recpipe.train import TrainConfig, run
-    torch.set_flush_denormal(True)
+    training_numerics()                        # as stage 60 does
     if args.skip_preset:
         return race(args, data_dir, s_rmse, s_secs)
     # one-time costs of a process, out of the timing as Surprise's import is: torch.optim's

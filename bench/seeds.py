@@ -55,7 +55,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from recpipe.cli import PipelineError, run_main  # noqa: E402
+from recpipe.cli import PipelineError, run_main, training_numerics  # noqa: E402
 
 PROG = "bench/seeds.py"
 STAGE40_MANIFEST = Path("40_make_sparse_matrix") / "manifest.json"
@@ -106,10 +106,9 @@ def score_test_units(data_dir: Path, model_name: str) -> tuple[dict[str, Any], U
             f"drop --test-users from --train-args")
     if cfg["threads"] > 0:
         torch.set_num_threads(cfg["threads"])
-    # stage 60's numerics (train.run): subnormal floats flushed to zero. EASE's recency weights
-    # reach 0.5 ** 140 on long histories; the last bits they change can swap a near-tie in a
-    # blend's ranking (ML-100K loo, seed 3: HR@10 0.7444 rescored without it, 0.7455 with)
-    torch.set_flush_denormal(True)
+    # stage 60's numerics (cli.training_numerics): without the subnormals flushed, a blend's
+    # ranking rescored here swapped a near-tie (ML-100K loo, seed 3: HR@10 0.7444, 0.7455 with)
+    training_numerics()
     device = resolve_device(cfg["device"])
     data = load_data(data_dir, task, device, needed_by=PROG)
     model, _ = load_model(model_dir, device)

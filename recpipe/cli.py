@@ -237,6 +237,17 @@ def keep_freed_memory() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
+def training_numerics() -> None:
+    """Stage 60's CPU numerics, which stage 70 and the benches set too, so that a model
+    scores (and times) as it trained: subnormal floats flushed to zero (Adam moments and
+    L2-shrunk embeddings decay into them, and they make CPU arithmetic 10-100x slower; EASE's
+    recency weights reach 0.5 ** 140, and the last bits they change can swap a near-tie of a
+    ranking), and glibc's freed blocks kept for reuse (``keep_freed_memory``)."""
+    import torch
+    torch.set_flush_denormal(True)
+    keep_freed_memory()
+
+
 class _TqdmHandler(logging.Handler):
     """Routes log lines through tqdm.write so they do not break progress bars."""
 

@@ -81,6 +81,45 @@ def family(name: str) -> type["Family"]:
     return REGISTRY[name]
 
 
+def distinct_rows(idx: torch.Tensor, n: int, owner: object | None = None,
+                  ascending: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct ids of ``idx`` (1-d, ids in [0, n)) and each element's position among
+    them: ``rows[inv] == idx``, like ``torch.unique(idx, return_inverse=True)`` without its
+    sort, which was most of the cost of deduplicating a batch's rows. Deterministic:
+
+    - a table not much larger than the batch (n <= 2 len(idx): an item table): mark the ids
+      in a bool array of n and take a cumulative sum; rows come out ascending;
+    - a larger one (a user table): each id's slot in a scratch array of n ints takes the
+      last position that holds the id (a scatter-max, deterministic), and an element stands
+      for its row when its slot points back to it; rows come in the order of those last
+      occurrences. The work is O(len(idx)): the scratch array is read and written only at
+      the batch's ids, and kept on ``owner`` (a table module) between steps, since its old
+      contents never matter.
+
+    The order of ``rows`` changes no per-row result (gradients are summed per row, optimiser
+    steps are per row). ``ascending=True`` asks for ascending rows: the mark up to n = 64
+    len(idx) (a sort of the batch costs about what 50 marks do), a sort beyond."""
+    b = idx.numel()
+    if ascending and n > 64 * b:
+        return torch.unique(idx, sorted=True, return_inverse=True)
+    if b == 0 or n <= (64 if ascending else 2) * b:
+        mark = torch.zeros(n, dtype=torch.bool, device=idx.device)
+        mark[idx] = True
+        rows = mark.nonzero().squeeze(1)
+        return rows, mark.cumsum(0).sub_(1).index_select(0, idx)
+    slots = getattr(owner, "_row_slots", None)
+    if slots is None or slots.shape[0] != n or slots.device != idx.device:
+        slots = torch.empty(n, dtype=torch.int64, device=idx.device)
+        if owner is not None:
+            owner._row_slots = slots
+    pos = torch.arange(b, device=idx.device)
+    slots.scatter_reduce_(0, idx, pos, "amax", include_self=False)
+    last = slots.index_select(0, idx)
+    first = last == pos                      # the element its row's slot points to
+    rows = idx[first]
+    return rows, first.cumsum(0).sub_(1).index_select(0, last)
+
+
 def _compact_leaf(emb: nn.Embedding, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-compact lookup (``emb.compact`` set): the distinct rows of ``idx`` gathered into a
     leaf tensor of their own, recorded as ``(rows, leaf)`` in ``emb.compact``; returns the
@@ -93,7 +132,7 @@ def _compact_leaf(emb: nn.Embedding, idx: torch.Tensor) -> tuple[torch.Tensor, t
     if hit is not None and hit[0] is idx:
         rows, inv = hit[1], hit[2]
     else:
-        rows, inv = torch.unique(idx.reshape(-1), return_inverse=True)
+        rows, inv = distinct_rows(idx.reshape(-1), emb.weight.shape[0], emb)
         if keys is not None:
             keys[id(idx)] = (idx, rows, inv)       # idx kept alive: its id stays its own
     leaf = emb.weight.detach().index_select(0, rows).requires_grad_()

@@ -33,7 +33,8 @@ import models as _models  # noqa: F401 - registers the built-in families
 from .artifacts import MANIFEST, read_manifest, read_parquet, stage_dir
 from .checkpoint import load_model as _load_checkpoint, resolve_device
 from .dataset import recency_weights
-from .cli import PipelineError, command_line, opt, parse_config, print_config, set_seed
+from .cli import (PipelineError, command_line, opt, parse_config, print_config, set_seed,
+                  training_numerics)
 from .family import REGISTRY, Family
 from .objectives import for_task
 from .presets import DEFAULT_MODEL
@@ -576,7 +577,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame | None:
     print_config(cfg, PROG)
     set_seed(cfg.seed)
     # stage 60's numerics (train.run), so that a model ranks here as it was evaluated there
-    torch.set_flush_denormal(True)
+    training_numerics()
     device = resolve_device(cfg.device)
     rec = load_recommender(cfg.data_dir, cfg.model, device)
     t0 = time.perf_counter()

@@ -43,14 +43,14 @@ from tqdm import tqdm
 import models as _models  # noqa: F401 - registers the built-in families
 from .artifacts import StageOutput, read_manifest, stage_dir, upstream_entry, write_json
 from .checkpoint import load_model, resolve_device, rng_state, save, set_rng_state
-from .cli import (PipelineError, command_line, config_dict, keep_freed_memory, parse_config,
-                  print_config, progress_disabled, set_seed)
+from .cli import (PipelineError, command_line, config_dict, parse_config,
+                  print_config, progress_disabled, set_seed, training_numerics)
 from .dataset import (STAGE40, Data, KeySet, has_times, load_data, require_times,
                       sample_users, with_valid_in_train)
 from . import distributed, tune
 from .distributed import derived_seed, table_names
 from .evaluation import evaluate, metric_line, selection_metric
-from .family import Family, family
+from .family import Family, distinct_rows, family
 from .objectives import RowL2, for_task
 from .optim import Optimizers
 from .train_config import (AUTO_ROWS_PER_SAMPLE, TrainConfig, decide_task,  # noqa: F401
@@ -358,8 +358,8 @@ class Trainer:
             if len(looked) == 1:
                 updates.append((m.weight, *looked[0]))
             elif looked:                        # several lookups of one table: sum by row
-                rows, inv = torch.unique(torch.cat([r for r, _ in looked]),
-                                         return_inverse=True)
+                rows, inv = distinct_rows(torch.cat([r for r, _ in looked]),
+                                          m.weight.shape[0], m)
                 grad = m.weight.new_zeros((rows.numel(), *m.weight.shape[1:])).index_add_(
                     0, inv, torch.cat([g for _, g in looked]))
                 updates.append((m.weight, rows, grad))
@@ -669,10 +669,7 @@ def run(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     """Train per ``cfg`` (resolved here) and write the stage folder; returns metrics.json."""
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
-    # Adam moments and L2-shrunk embeddings decay into subnormal floats, which make CPU
-    # arithmetic 10-100x slower (epochs slowing down over time); flush them to zero.
-    torch.set_flush_denormal(True)
-    keep_freed_memory()
+    training_numerics()        # subnormals flushed to zero, freed memory reused (cli.py)
     dev = resolve_device(cfg.device)
     # under torchrun: join the group (gloo on the CPU, NCCL on CUDA; cuda:LOCAL_RANK)
     dist = distributed.setup(cfg.dist_backend, dev, cfg.dist_timeout)

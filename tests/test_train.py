@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from torch import nn
 
 from conftest import run_script
 from recpipe import ids, matrix, split
@@ -373,8 +374,37 @@ def test_row_compact_tables_with_one_index_share_its_unique(tmp_path):
     (ri, li), = m.item_gmf.compact
     assert ru is rv and ri is m.item_mlp.compact[0][0] and ru is not ri
     assert lu is not lv and lu.shape[1] == 8 and lv.shape[1] == m.user_mlp.embedding_dim
-    assert torch.equal(ru, torch.unique(u)) and torch.equal(ri, torch.unique(i))
+    # the distinct rows (in any order: family.distinct_rows)
+    assert torch.equal(ru.sort().values, torch.unique(u))
+    assert torch.equal(ri.sort().values, torch.unique(i))
     t.l2.close()
+
+
+@pytest.mark.parametrize("n,b,ascending", [(10, 40, False), (1000, 40, False),
+                                           (1000, 40, True), (5000, 40, True), (7, 0, False)])
+def test_distinct_rows(n, b, ascending):
+    """family.distinct_rows: the distinct ids and each element's position among them, as
+    torch.unique gives (in any order unless asked ascending), the same on every call; the
+    scratch array it keeps on its owner holds stale ids from an earlier batch, which must
+    not leak into the next one. (10, 40): the mark path; (1000, 40): the slots; (1000, 40,
+    ascending): marks; (5000, 40, ascending): the sort."""
+    from recpipe.family import distinct_rows
+    g = torch.Generator().manual_seed(n + b)
+    owner = nn.Module()
+    for step in range(3):
+        idx = torch.randint(0, n, (b,), generator=g)
+        if b:
+            idx[b // 2:] = idx[: b - b // 2]          # repeats
+        rows, inv = distinct_rows(idx, n, owner, ascending=ascending)
+        assert torch.equal(rows[inv], idx)
+        assert rows.numel() == torch.unique(idx).numel()
+        assert torch.equal(rows.sort().values, torch.unique(idx))
+        if ascending:
+            assert torch.equal(rows, torch.unique(idx))
+        again = distinct_rows(idx, n, owner, ascending=ascending)
+        assert torch.equal(again[0], rows) and torch.equal(again[1], inv)
+    if b and n > 2 * b and not ascending:
+        assert owner._row_slots.shape == (n,)         # the slots path kept its scratch
 
 
 @pytest.mark.parametrize("model,task", [("neumf", "implicit"), ("gmf", "explicit"),
