@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from recpipe.family import REGISTRY, Family, distinct_rows, family, look, look_side, register
+from recpipe.family import (REGISTRY, Family, distinct_rows, family, look, look_side,
+                            register, tower_input)
 from recpipe.objectives import ExplicitMSE, Objective
 
 __all__ = ["BiasedMF", "BayesianMF", "DeepMF", "GMF", "MLP", "NeuMF", "MODELS", "build_model"]
@@ -471,9 +472,8 @@ class _Tower(nn.Module):
         """``forward`` on the rows ``users`` and ``items`` of the two tables, with each
         side's first layer applied once per distinct row in row-compact training
         (``family.look_side``)."""
-        # relu in place on the sum (a temporary of its own): one [samples, h] block less
-        return self.rest((look_side(user_emb, users, self.first_user)
-                          + look_side(item_emb, items, self.first_item)).relu_())
+        return self.rest(tower_input(user_emb, users, self.first_user, item_emb, items,
+                                     self.first_item))
 
     def forward_items(self, pu: torch.Tensor, items: torch.Tensor, table: torch.Tensor
                       ) -> torch.Tensor:

@@ -167,6 +167,16 @@ def look(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _side_rows(emb: nn.Embedding, idx: torch.Tensor, side
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-compact ``side``: (side of each distinct row of ``idx``, each element's row)."""
+    leaf, inv = _compact_leaf(emb, idx)
+    cap = getattr(emb, "captured", None)
+    if cap is not None:                   # the row L2 is per sample: the gathered rows
+        cap.append(leaf.index_select(0, inv).view(*idx.shape, emb.embedding_dim))
+    return side(leaf), inv
+
+
 def look_side(emb: nn.Embedding, idx: torch.Tensor, side) -> torch.Tensor:
     """``side(look(emb, idx))`` for a ``side`` that transforms each row on its own (a
     tower's first layer, no dropout). In row-compact training ``side`` runs once per
@@ -176,12 +186,58 @@ def look_side(emb: nn.Embedding, idx: torch.Tensor, side) -> torch.Tensor:
     evaluation) it is exactly ``side(look(emb, idx))``."""
     if getattr(emb, "compact", None) is None:
         return side(look(emb, idx))
-    leaf, inv = _compact_leaf(emb, idx)
-    cap = getattr(emb, "captured", None)
-    if cap is not None:                   # the row L2 is per sample: the gathered rows
-        cap.append(leaf.index_select(0, inv).view(*idx.shape, emb.embedding_dim))
-    out = side(leaf)
+    out, inv = _side_rows(emb, idx, side)
     return out.index_select(0, inv).view(*idx.shape, out.shape[-1])
+
+
+class _GatherAddRelu(torch.autograd.Function):
+    """relu(a[iu] + b[ii]) by the fused CPU kernels (kernels.gather_add_relu)."""
+
+    @staticmethod
+    def forward(ctx, a, iu, b, ii):
+        from . import kernels
+        iu32, ii32 = iu.to(torch.int32).numpy(), ii.to(torch.int32).numpy()
+        h = a.new_empty((iu.shape[0], a.shape[1]))
+        kernels.gather_add_relu(a.detach().contiguous().numpy(), iu32,
+                                b.detach().contiguous().numpy(), ii32, h.numpy())
+        ctx.save_for_backward(h)
+        ctx.rows = (iu32, ii32, a.shape[0], b.shape[0])
+        return h
+
+    @staticmethod
+    def backward(ctx, grad):
+        from . import kernels
+        (h,) = ctx.saved_tensors
+        iu32, ii32, n_a, n_b = ctx.rows
+        ga, gb = h.new_zeros((n_a, h.shape[1])), h.new_zeros((n_b, h.shape[1]))
+        kernels.gather_add_relu_backward(grad.contiguous().numpy(), h.numpy(), iu32, ii32,
+                                         ga.numpy(), gb.numpy())
+        return ga, None, gb, None
+
+
+def tower_input(user_emb: nn.Embedding, users: torch.Tensor, user_side,
+                item_emb: nn.Embedding, items: torch.Tensor, item_side) -> torch.Tensor:
+    """``relu(user_side(look(user_emb, users)) + item_side(look(item_emb, items)))``, the NCF
+    tower's first layer on pairs. In row-compact training each side runs once per distinct
+    row (``look_side``), and on the CPU the gather, the sum and the relu are one pass of a
+    compiled kernel, and so is their gradient (``kernels.gather_add_relu``): the torch ops
+    gather two [samples, h] blocks, add them and mask, and scatter the gradient back through
+    an index expanded to [samples, h]."""
+    if getattr(user_emb, "compact", None) is None or getattr(item_emb, "compact", None) is None:
+        return (look_side(user_emb, users, user_side)
+                + look_side(item_emb, items, item_side)).relu_()
+    a, iu = _side_rows(user_emb, users, user_side)
+    b, ii = _side_rows(item_emb, items, item_side)
+    if a.device.type == "cpu" and a.dtype == b.dtype == torch.float32 and _kernels_ok():
+        out = _GatherAddRelu.apply(a, iu, b, ii)
+    else:
+        out = (a.index_select(0, iu) + b.index_select(0, ii)).relu_()
+    return out.view(*users.shape, out.shape[-1])
+
+
+def _kernels_ok() -> bool:
+    from . import kernels
+    return kernels.available()
 
 
 class Family(nn.Module):

@@ -434,6 +434,34 @@ def test_row_compact_sparse_adam_steps_like_sparse_gradients(tmp_path, model, ta
     assert not torch.equal(states[0][table], start[table])
 
 
+def test_tower_input_kernel_matches_torch_ops():
+    """The NCF tower's first layer in row-compact training on the CPU (family.tower_input:
+    the compiled gather + sum + relu and its gradient, kernels.gather_add_relu) gives the
+    torch ops' output and gradients: rows with repeats, units at exactly zero, and a
+    gradient reaching only the active units."""
+    from recpipe import kernels
+    from recpipe.family import _GatherAddRelu
+    if not kernels.available():
+        pytest.skip(kernels.missing_reason())
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(7, 5, generator=g, requires_grad=True)
+    b = torch.randn(4, 5, generator=g, requires_grad=True)
+    iu = torch.randint(0, 7, (40,), generator=g)
+    ii = torch.randint(0, 4, (40,), generator=g)
+    with torch.no_grad():
+        b[1] = -a[iu[0]]                  # a sum of exactly 0: relu's gradient there is 0
+    ii[0] = 1
+    want = (a.index_select(0, iu) + b.index_select(0, ii)).relu()
+    got = _GatherAddRelu.apply(a, iu, b, ii)
+    assert torch.equal(got, want) and got[0].eq(0).all()
+    up = torch.randn(40, 5, generator=g)
+    wa, wb = torch.autograd.grad((want * up).sum(), (a, b))
+    ga, gb = torch.autograd.grad((got * up).sum(), (a, b))
+    torch.testing.assert_close(ga, wa, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gb, wb, rtol=1e-6, atol=1e-6)
+    assert ga.abs().sum() > 0 and gb.abs().sum() > 0
+
+
 def test_keyset_bitmap_matches_binary_search():
     from recpipe.dataset import KeySet, is_member, sample_negatives
     data = _synthetic_data("implicit", n_users=70, n_items=53)
