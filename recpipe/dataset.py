@@ -46,7 +46,9 @@ class Data:
     valid: Part
     test: Part
     train_csr: sp.csr_matrix          # binary train interactions (exclusion, negatives)
-    train_keys: torch.Tensor          # sorted user * n_items + item of train interactions
+    # sorted user * n_items + item of the train interactions: None until ``keys()`` builds
+    # them (only sampled negatives read them: 8 bytes an interaction, and a sort)
+    train_keys: torch.Tensor | None
     candidates: dict[str, tuple[torch.Tensor, torch.Tensor]]   # part -> (users, items[U,1+N])
     device: torch.device
     fingerprint: str = ""             # of stage 40's manifest (what a checkpoint trained on)
@@ -59,6 +61,17 @@ class Data:
     @property
     def has_candidates(self) -> bool:
         return bool(self.candidates)
+
+    def keys(self) -> torch.Tensor:
+        """The sorted train keys (``train_keys``), built from ``train_csr`` on first use."""
+        if self.train_keys is None:
+            if self.train_csr is None:
+                raise RuntimeError("this Data copy was made without train keys or CSR "
+                                   "(with_valid_in_train(keys=False, csr=False))")
+            tb = self.train_csr.tocoo()
+            keys = np.sort(tb.row.astype(np.int64) * self.n_items + tb.col.astype(np.int64))
+            self.train_keys = torch.from_numpy(keys).to(self.device)
+        return self.train_keys
 
 
 def _load_npz(path: Path) -> sp.csr_matrix:
@@ -123,8 +136,6 @@ def load_data(data_dir: str | Path, task: str, device: torch.device,
     train_bin = _load_npz(bin_path) if (explicit and bin_path.exists()) else mats["train"]
     train_bin = train_bin.tocsr()
     train_bin.sum_duplicates()
-    tb = train_bin.tocoo()
-    keys = np.sort(tb.row.astype(np.int64) * n_items + tb.col.astype(np.int64))
     tr = parts["train"].ratings
     scale = man.get("rating_scale") or [float(tr.min()), float(tr.max())]
     # the train ratings' mean and std standardise the explicit models' outputs; stage 40
@@ -162,7 +173,7 @@ def load_data(data_dir: str | Path, task: str, device: torch.device,
                 rating_scale=(float(scale[0]), float(scale[1])), global_mean=gmean,
                 rating_std=std, task=task, train=parts["train"], valid=parts["valid"],
                 test=parts["test"], train_csr=train_bin,
-                train_keys=torch.from_numpy(keys).to(device), candidates=cands, device=device,
+                train_keys=None, candidates=cands, device=device,
                 fingerprint=fingerprint(d / MANIFEST), source=d)
 
 
@@ -345,7 +356,7 @@ def with_valid_in_train(data: Data, keys: bool = True, csr: bool = True) -> Data
     merged_keys = merged_csr = None
     if keys:
         vk = v.users * data.n_items + v.items
-        merged_keys = torch.unique(torch.cat([data.train_keys, vk]))          # sorted
+        merged_keys = torch.unique(torch.cat([data.keys(), vk]))              # sorted
     if csr:
         vcsr = sp.csr_matrix((np.ones(len(v), dtype=np.float32),
                               (v.users.cpu().numpy(), v.items.cpu().numpy())),

@@ -298,8 +298,8 @@ class Trainer:
         # own (family.look), and their gradients go to RowSparseAdam.step_rows
         rows_compact = not manual and cfg.optimizer == "sparse_adam" and self.compact_rows
         scratch: dict = {}
-        if per > 1 and (self._keyset is None or self._keyset.keys is not data.train_keys):
-            self._keyset = KeySet(data.train_keys, data.n_users * data.n_items)
+        if per > 1 and (self._keyset is None or self._keyset.keys is not data.keys()):
+            self._keyset = KeySet(data.keys(), data.n_users * data.n_items)
         dist = self.dist
         neg_gen = self._rank_draws() if dist.world > 1 else self.gen
         for s in bar:

@@ -465,7 +465,7 @@ def test_tower_input_kernel_matches_torch_ops():
 def test_keyset_bitmap_matches_binary_search():
     from recpipe.dataset import KeySet, is_member, sample_negatives
     data = _synthetic_data("implicit", n_users=70, n_items=53)
-    keys = data.train_keys
+    keys = data.keys()
     q = torch.randint(0, 70 * 53, (500, 3))
     q[:100, 0] = keys[:100]                       # certainly members
     bitmap, search = KeySet(keys, 70 * 53), KeySet(keys, 70 * 53, max_bytes=0)
