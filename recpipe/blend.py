@@ -228,10 +228,11 @@ class Blend(Family):
             self._cache = {"key": key, **self.stack.inputs(self, data, hp)}
         c = self._cache
         prior = self.stack.prior(self, c)
-        self.weights[0] = self.stack.solve(c, None, reg, prior)
+        self.weights[0] = self.stack.solve(*c["fit"], reg, prior)
         fold = self._folds(c["users"], int(hp.get("seed") or 0))
-        for k in range(1, FOLDS + 1):
-            self.weights[k] = self.stack.solve(c, fold != k, reg, prior)
+        for k in range(1, FOLDS + 1):            # the fit's inputs without fold k's users
+            keep = fold != k
+            self.weights[k] = self.stack.solve(*(t[keep] for t in c["fit"]), reg, prior)
         if hp.get("is_refit"):
             self.user_fold.zero_()                  # every user: the all-validation weights
             self._load_parts(data_dir, data.fingerprint, selection=False)
@@ -311,6 +312,29 @@ class Blend(Family):
         return out, "blend fold-in, each member's own: " + "; ".join(how)
 
 
+def softmax_fit(z: torch.Tensor, same: torch.Tensor, reg: float, prior: torch.Tensor
+                ) -> torch.Tensor:
+    """argmax_w mean_u log softmax(z_u w)[0] - reg * ||w - prior||^2 over candidate rows z
+    [U, 1 + N, M] (column 0 the positive; ``same`` [U, N] masks negatives that repeat it),
+    by L-BFGS in float64 (the objective is concave in w)."""
+    z = z.double()
+    neg_mask = torch.cat([torch.zeros_like(same[:, :1]), same], 1)
+    w = prior.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([w], max_iter=200, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        s = (z @ w).masked_fill(neg_mask, -float("inf"))
+        loss = -torch.log_softmax(s, 1)[:, 0].mean() + reg * ((w - prior) ** 2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach()
+
+
 class RatingStack:
     """Explicit: feature-weighted linear stacking of the members' clipped predicted ratings
     (module docstring): per member FEATURES weights (1, the user's and the item's centred log
@@ -347,18 +371,14 @@ class RatingStack:
         fu, fi = blend.user_support[c["users"]], blend.item_support[c["items"]]
         blend.support_mean.copy_(torch.stack([fu.mean(), fi.mean()]))
         fu, fi = RatingStack.features(blend, c["users"], c["items"])
-        c["x"] = design(c["preds"], fu, fi)
+        x = design(c["preds"], fu, fi)
+        c["fit"] = (x, c["y"])
         n_m = c["preds"].shape[1]
-        prior = torch.zeros(c["x"].shape[1], dtype=torch.float64, device=c["x"].device)
+        prior = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
         prior[1:1 + n_m] = 1.0 / n_m
         return prior
 
-    @staticmethod
-    def solve(c: dict[str, Any], keep: torch.Tensor | None, reg: float,
-              prior: torch.Tensor) -> torch.Tensor:
-        if keep is None:
-            return ridge(c["x"], c["y"], reg, prior)
-        return ridge(c["x"][keep], c["y"][keep], reg, prior)
+    solve = staticmethod(ridge)          # over c["fit"] = (design, ratings)
 
     @staticmethod
     def features(blend: "Blend", users: torch.Tensor, items: torch.Tensor
@@ -442,19 +462,14 @@ class RankingStack:
             for j, zm in enumerate(blend._member_z(cu[s:s + step], dense)):
                 z[s:s + step, :, j] = zm.gather(1, ci[s:s + step]).double()
         # a candidate that repeats the positive's item is not a negative (metrics.py's rule)
-        return {"z": z, "users": cu, "items": ci, "same": ci[:, 1:] == ci[:, :1]}
+        return {"fit": (z, ci[:, 1:] == ci[:, :1]), "users": cu, "items": ci}
 
     @staticmethod
     def prior(blend: "Blend", c: dict[str, Any]) -> torch.Tensor:
-        n_m = c["z"].shape[2]
-        return torch.full((n_m,), 1.0 / n_m, dtype=torch.float64, device=c["z"].device)
+        z = c["fit"][0]
+        return torch.full((z.shape[2],), 1.0 / z.shape[2], dtype=torch.float64, device=z.device)
 
-    @staticmethod
-    def solve(c: dict[str, Any], keep: torch.Tensor | None, reg: float,
-              prior: torch.Tensor) -> torch.Tensor:
-        if keep is None:
-            return softmax_fit(c["z"], c["same"], reg, prior)
-        return softmax_fit(c["z"][keep], c["same"][keep], reg, prior)
+    solve = staticmethod(softmax_fit)    # over c["fit"] = (z-scores, repeats)
 
     @staticmethod
     def pairs(blend: "Blend", u: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
@@ -507,26 +522,3 @@ def _train_only_csr(data, is_refit: bool):
         out.eliminate_zeros()
     out.data[:] = 1.0
     return out.tocsr()
-
-
-def softmax_fit(z: torch.Tensor, same: torch.Tensor, reg: float, prior: torch.Tensor
-                ) -> torch.Tensor:
-    """argmax_w mean_u log softmax(z_u w)[0] - reg * ||w - prior||^2 over candidate rows z
-    [U, 1 + N, M] (column 0 the positive; ``same`` [U, N] masks negatives that repeat it),
-    by L-BFGS in float64 (the objective is concave in w)."""
-    z = z.double()
-    neg_mask = torch.cat([torch.zeros_like(same[:, :1]), same], 1)
-    w = prior.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([w], max_iter=200, tolerance_grad=1e-9, tolerance_change=1e-12,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        s = (z @ w).masked_fill(neg_mask, -float("inf"))
-        loss = -torch.log_softmax(s, 1)[:, 0].mean() + reg * ((w - prior) ** 2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return w.detach()
