@@ -611,5 +611,6 @@ def build_model(name: str, n_users: int, n_items: int, **model_args) -> Family:
 
 
 import recpipe.ease  # noqa: E402,F401 - registers --model ease (EASE, closed form)
+import recpipe.knn  # noqa: E402,F401 - registers --model knn (item kNN, closed form)
 import recpipe.autoencoders  # noqa: E402,F401 - registers --model autorec and multvae
 import recpipe.blend  # noqa: E402,F401 - registers --model blend (a stack of trained models)

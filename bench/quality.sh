@@ -57,9 +57,9 @@ peer_implicit() {  # DIR NAME
 for ds in ml-100k ml-latest-small; do
   D="$W/$ds-random"
   pipeline "$D" --strategy random --seed 42 -- --input "$SHARED/movielens/$ds"
-  # blend (last: it stacks the four models of the same seed, trained just before it)
-  seeds "$D" "$ds-random" "bpmf:mf deepmf:mf autorec:mf blend:bpmf blend:mf" \
-    mf bpmf deepmf autorec blend
+  # blend (last: it stacks the five models of the same seed, trained just before it)
+  seeds "$D" "$ds-random" "bpmf:mf deepmf:mf autorec:mf knn:mf blend:bpmf blend:mf" \
+    mf bpmf deepmf autorec knn blend
   peer "$D" "$ds-random"
 done
 # leave-one-out + 99 sampled negatives: ML-100K on the split seed 42, ml-latest-small on 0

@@ -53,13 +53,12 @@ from torch import nn
 from .cli import PipelineError
 from .family import Family, family, register
 from .objectives import for_task
+from .presets import preset
 
 log = logging.getLogger("recpipe")
 
 FOLDS = 5                 # cross-fitting folds of the validation users
 FEATURES = 3              # per member: 1, the user's support, the item's support
-MEMBERS = {"explicit": ("bpmf", "autorec", "mf", "deepmf"),     # the presets (docs/presets.md)
-           "implicit": ("ease", "gmf", "neumf", "mlp", "multvae")}
 STAGE40 = "40_make_sparse_matrix"
 
 
@@ -127,8 +126,9 @@ class Blend(Family):
     has_item_vectors = False
     reg_grid = (0.0, 1e-3, 1e-2, 1e-1, 1.0)
     options = {"members": "the trained models it combines, each trained first by stage 60 on "
-                          "the same data (presets: explicit " + " ".join(MEMBERS["explicit"])
-                          + "; implicit " + " ".join(MEMBERS["implicit"]) + ")",
+                          "the same data (presets: explicit "
+                          + " ".join(preset("blend", "explicit")["members"]) + "; implicit "
+                          + " ".join(preset("blend", "implicit")["members"]) + ")",
                "reg": "weight of the stacking fit's penalty toward the members' average "
                       "(chosen on cross-fitted validation from "
                       + ", ".join(map(str, reg_grid)) + ")"}
@@ -162,7 +162,7 @@ class Blend(Family):
     def from_config(cls, hp, task, global_mean, scale, sparse):
         data_dir = Path(hp["data_dir"])
         members = []
-        for name in hp.get("members") or MEMBERS[task]:
+        for name in hp.get("members") or preset("blend", task)["members"]:
             if family(name) is cls:
                 raise PipelineError("--members: a blend cannot contain a blend")
             d = member_dir(data_dir, name, task)

@@ -88,21 +88,22 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def check_memory(n_items: int, device: torch.device, matrices: int, held: int = 0,
-                 headroom: int = _HEADROOM) -> None:
-    """Refuse, with one line, to allocate ``matrices`` more n_items x n_items matrices on
-    ``device`` when they do not fit (``held``: of them, how many are allocated already)."""
+def check_memory(n_items: int, device: torch.device, matrices: float, held: float = 0,
+                 headroom: int = _HEADROOM, who: str = "EASE") -> None:
+    """Refuse, with one line, to allocate ``matrices`` more n_items x n_items float32
+    matrices on ``device`` when they do not fit (``held``: of them, how many are allocated
+    already; a float16 matrix counts as half)."""
     per = n_items * n_items * _BYTES
-    need = (matrices - held) * per + headroom
+    need = int((matrices - held) * per) + headroom
     have = available_bytes(device)
     if have is None or need <= have:
         return
     raise PipelineError(
-        f"EASE on {n_items:,} items needs {matrices} dense {n_items:,} x {n_items:,} float32 "
-        f"matrices of {_gb(per)} each ({_gb(need)} still to allocate on {device}, evaluation "
-        f"blocks included) but {_gb(have)} is available; filter rare items in stage 20 "
-        f"(`python 20_make_ids.py --data-dir DIR --min-item-ratings N`, then rerun stages "
-        f"30-40) or train on a device with more memory (--device)")
+        f"{who} on {n_items:,} items needs {matrices:g} dense {n_items:,} x {n_items:,} "
+        f"float32 matrices of {_gb(per)} each ({_gb(need)} still to allocate on {device}, "
+        f"evaluation blocks included) but {_gb(have)} is available; filter rare items in "
+        f"stage 20 (`python 20_make_ids.py --data-dir DIR --min-item-ratings N`, then rerun "
+        f"stages 30-40) or train on a device with more memory (--device)")
 
 
 def gram(train: sp.csr_matrix, device: torch.device) -> torch.Tensor:

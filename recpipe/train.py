@@ -120,6 +120,7 @@ class Trainer:
         self.best_valid: dict[str, float] = {}
         self.best_state = copy.deepcopy(self.model.state_dict())
         self.bad_epochs = 0
+        self.mark = self.best         # the metric at the last epoch that counted (--min-delta)
         self.lr_factor = 1.0
         self.history: list[dict[str, Any]] = []
         self.first_loss: float | None = None
@@ -176,7 +177,7 @@ class Trainer:
                 # the tables once: None when this epoch is the best (its weights are
                 # state_dict); after the run, "best_ref" names selected.pt or model.pt instead
                 "best_state": None if self.best_epoch == self.epoch else self.best_state,
-                "bad_epochs": self.bad_epochs,
+                "bad_epochs": self.bad_epochs, "mark": self.mark,
                 "scheduler": {"lr_factor": self.lr_factor, "kind": self.cfg.lr_schedule},
                 "rng": rng_state(self.gen), "history": self.history,
                 "first_loss": self.first_loss, "train_seconds": self.train_seconds,
@@ -244,6 +245,7 @@ class Trainer:
         self.best_state = {k: v.to(self.dev).clone()
                            for k, v in self._best_state(ck, path).items()}
         self.bad_epochs = int(ck["bad_epochs"])
+        self.mark = float(ck.get("mark", self.best))
         self.lr_factor = float(ck["scheduler"]["lr_factor"])
         self.history = list(ck["history"])
         self.first_loss = ck["first_loss"]
@@ -446,10 +448,10 @@ class Trainer:
         if self.first_loss is None:
             self.first_loss = loss
 
-    def _improved(self, v: float) -> bool:
+    def _improved(self, v: float, than: float, by: float = 1e-6) -> bool:
         if not math.isfinite(v):
             return False
-        return v > self.best + 1e-6 if self.higher else v < self.best - 1e-6
+        return v > than + by if self.higher else v < than - by
 
     def fit(self, lr_factors: list[float] | None = None) -> float:
         """Train; returns the seconds spent in training passes.
@@ -494,14 +496,16 @@ class Trainer:
             self.train_seconds += t_train
             self.epoch += 1
             v = valid.get(self.metric, float("nan"))
-            if self._improved(v):
+            mark = ""
+            if self._improved(v, self.best):
                 self.best, self.best_epoch, self.best_valid = v, self.epoch, dict(valid)
                 self.best_state = copy.deepcopy(self.model.state_dict())
-                self.bad_epochs = 0
                 mark = " *"
+            if self._improved(v, self.mark, max(cfg.min_delta, 1e-6)):
+                self.mark = v
+                self.bad_epochs = 0
             else:
                 self.bad_epochs += 1
-                mark = ""
                 if cfg.lr_schedule == "plateau":
                     self.lr_factor *= cfg.lr_decay
             row = {"epoch": self.epoch, "loss": round(loss, 6),
@@ -584,7 +588,7 @@ class Trainer:
                                      cfg.eval_batch, full=False)
                     v = valid.get(self.metric, float("nan"))
                     mark = ""
-                    if self._improved(v):
+                    if self._improved(v, self.best):
                         self.best, self.best_epoch, self.best_valid = v, self.epoch, dict(valid)
                         best_reg, best_half, mark = reg, half, " *"
                     self.history.append({
@@ -603,10 +607,14 @@ class Trainer:
                 fit({**config_dict(cfg), "reg": best_reg, "is_refit": False})
             if not refit and best_half is not None:
                 model.half_life.fill_(best_half)
+            # references again, to the tensors the best fit left (a fit may rebind a buffer
+            # whose size is the data's: knn's residuals)
+            self.best_state = model.state_dict()
             spent = time.perf_counter() - t_run
         if not refit:
             self.train_seconds += spent
-            if len(grid) > 1 and best_reg in (grid[0], grid[-1]) and best_reg != 0:
+            if len(grid) > 1 and best_reg in (grid[0], grid[-1]) and best_reg != 0 \
+                    and math.isfinite(best_reg):
                 log.warning("reg %s, the best on validation, is at the edge of the grid %s: "
                             "the optimum may lie beyond; try --reg values past it", best_reg,
                             grid)

@@ -90,6 +90,11 @@ class TrainConfig:
                                     + PRESET)
     patience: Optional[int] = opt(None, "stop after this many epochs without validation "
                                   "improvement" + PRESET)
+    min_delta: Optional[float] = opt(None, "an epoch counts as an improvement for --patience "
+                                     "and the plateau schedule only when it gains more than "
+                                     "this over the last epoch that did (in the selection "
+                                     "metric's units: RMSE, HR@10); the best epoch is kept "
+                                     "whatever its gain; 0 = any gain" + PRESET)
     members: Optional[list[str]] = opt(None, "the trained models a stack combines ("
                                        + _uses("members") + ")" + PRESET)
     pretrained: bool = opt(False, "initialise from the trained models this family is built "
@@ -142,8 +147,11 @@ class TrainConfig:
             if v is not None and not (v > 0 and math.isfinite(v)):
                 raise PipelineError(f"--{name.replace('_', '-')} must be a positive number, "
                                     f"got {v}")
-        for name in ("reg", "init_std", "dropout", "momentum", "recency"):
+        for name in ("reg", "init_std", "dropout", "momentum", "recency", "min_delta"):
             v = getattr(self, name)
+            if name == "reg" and v == math.inf and self.model in REGISTRY \
+                    and math.inf in getattr(family(self.model), "reg_grid", ()):
+                continue                  # a limit the family defines (knn: inf)
             if v is not None and not (v >= 0 and math.isfinite(v)):
                 raise PipelineError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
         if not (self.dist_timeout > 0 and math.isfinite(self.dist_timeout)):

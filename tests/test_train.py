@@ -614,3 +614,29 @@ def test_per_epoch_validation_uses_a_fixed_bounded_sample_of_users(tmp_path, mon
                    tmp_path, "test")
     assert full.epoch_data is data and full.valid_epoch_users == 60     # default 50,000: all
     full.l2.close()
+
+
+@pytest.mark.parametrize("min_delta, patience, epochs, lr_halvings, mark_k", [
+    (0.0, 4, 12, 0, 10),      # every tiny gain counts: runs to --epochs
+    (1e-4, 3, 5, 3, 0),       # 3 epochs in a row gain 3e-5 each: stopped after epoch 5
+    (1e-4, 4, 12, 8, 8),      # their sum passes 1e-4 at every 4th, which counts again
+])
+def test_min_delta_counts_only_gains_above_it(tmp_path, monkeypatch, min_delta, patience,
+                                              epochs, lr_halvings, mark_k):
+    """--min-delta: an epoch resets --patience (and spares the plateau decay) only when it
+    beats the last epoch that counted by more than min_delta; the best epoch is still the
+    lowest validation RMSE, whatever its gain."""
+    import recpipe.train as train_mod
+    data = _synthetic_data("explicit")
+    rmse = [1.0, 0.99] + [0.99 - 3e-5 * k for k in range(1, 11)]      # epochs 1, 2, 3..12
+    curve = iter(rmse)
+    monkeypatch.setattr(train_mod, "evaluate", lambda *a, **k: {"rmse": next(curve), "mae": 1})
+    cfg = TrainConfig(model="mf", batch_size=256, epochs=12, patience=patience,
+                      min_delta=min_delta).resolved()
+    t = Trainer(cfg, data, tmp_path, "test")
+    t.fit()
+    t.l2.close()
+    assert t.epoch == epochs and t.best_epoch == epochs          # tiny gains are still kept
+    assert t.best == rmse[epochs - 1]
+    assert t.lr_factor == 0.5 ** lr_halvings
+    assert t.mark == rmse[mark_k + 1]                # the last epoch that counted

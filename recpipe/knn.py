@@ -1,0 +1,245 @@
+"""Item-based k nearest neighbours on baseline residuals (Koren 2008, "Factorization meets the
+neighborhood", section 2.2; Surprise's ``KNNBaseline`` with ``pearson_baseline``):
+``--model knn``, explicit ratings.
+
+    r(u, i) = mu + b_u + b_i + sum_j s_ij (r_uj - mu - b_u - b_j) / sum_j s_ij
+
+over the ``k`` items j that user u rated (in the data the model was fitted on) with the
+largest positive similarity s_ij to i; without such a neighbour the prediction is the
+baseline mu + b_u + b_i. The baseline is the regularised one every family without bias
+tables stores for its fallback (``family.regularised_baseline``: Surprise's ALS baseline),
+so an unseen user or item falls back to the same formula without its neighbour term.
+
+The similarity is the Pearson correlation of the two items' residuals z_uj = r_uj - mu - b_u
+- b_j over the users who rated both, shrunk toward 0 by their number n_ij:
+
+    s_ij = (n_ij - 1) / (n_ij - 1 + lambda) * sum_u z_ui z_uj / sqrt(sum_u z_ui^2 sum_u z_uj^2)
+
+(sums over the co-raters; s_ij = 0 below two of them, and negative values are kept at 0,
+since the formula never uses them). ``--reg`` is lambda, ``inf`` its limit (s_ij
+proportional to the correlation times n_ij - 1, what ML-100K and ml-latest-small choose);
+unset, stage 60 chooses it on validation from ``reg_grid``, the correlations computed once for the whole grid
+(``closed_form_solver``). ``--dim`` is k.
+
+Numerics and memory: the four co-rater sums are sparse products of the train ratings (scipy,
+a block of item columns at a time, densified into float32 blocks), their cost the sum over
+users of (ratings per user)^2. The model holds S as a dense n_items x n_items bfloat16
+matrix (3 significant digits and float32's range, since a large lambda makes every s_ij
+small; Netflix's 17,770 items: 0.63 GB, ml-latest-small's 9,724: 0.19 GB; the fit also
+holds two float32 matrices of that shape) and the residuals of the ratings it was fitted
+on, a CSR by user (12 bytes a rating); the fit refuses with one line when that does not fit
+in memory. Scoring runs user by user: the rows of S of the items asked, at the columns of
+the items the user rated, and a top-k along them.
+A new user (stage 70 ``--ratings``) needs no training: their bias is the regularised mean of
+their residuals against the item biases, and their ratings become their neighbours.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, ClassVar, Iterator
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from .ease import check_memory
+from .family import Family, register
+
+_BLOCK_FLOATS = 1 << 24           # float32 entries of one dense block (fit and scoring)
+REG_U = 15.0                      # regularised_baseline's user-bias weight (Surprise's)
+
+
+def residual_csr(users: np.ndarray, items: np.ndarray, z: np.ndarray, n_users: int,
+                 n_items: int) -> sp.csr_matrix:
+    """The residuals as a users x items float64 CSR (duplicates summed: stage 20 has none)."""
+    return sp.csr_matrix((z.astype(np.float64), (users, items)), shape=(n_users, n_items))
+
+
+def correlations(z: sp.csr_matrix) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rho, n): the co-rater Pearson correlation of the item columns of the residuals
+    ``z`` and their co-rater counts, dense [n_items, n_items] float32, a block of columns at a
+    time (module docstring); the diagonal and pairs with fewer than two co-raters are 0."""
+    n_items = z.shape[1]
+    ones = z.copy()
+    ones.data[:] = 1.0
+    sq = z.multiply(z).tocsr()
+    zt, ot, st = z.T.tocsr(), ones.T.tocsr(), sq.T.tocsr()
+    rho = torch.empty((n_items, n_items), dtype=torch.float32)
+    cnt = torch.empty((n_items, n_items), dtype=torch.float32)
+    step = max(1, _BLOCK_FLOATS // max(1, n_items))
+    for a in range(0, n_items, step):
+        b = min(n_items, a + step)
+        num = (zt[a:b] @ z).toarray()
+        n = (ot[a:b] @ ones).toarray()
+        si = (st[a:b] @ ones).toarray()           # sum of z_ui^2 over the co-raters of i, j
+        sj = (ot[a:b] @ sq).toarray()             # sum of z_uj^2 over the same users
+        den = np.sqrt(si * sj)
+        r = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+        r[n < 2] = 0.0
+        r[np.arange(b - a), np.arange(a, b)] = 0.0
+        rho[a:b] = torch.from_numpy(r.astype(np.float32))
+        cnt[a:b] = torch.from_numpy(n.astype(np.float32))
+    return rho, cnt
+
+
+@register("knn")
+class ItemKNN(Family):
+    """Item-based kNN on baseline residuals (module docstring); no trained tables."""
+
+    default_task = "explicit"
+    tasks = ("explicit",)
+    fit_by = "closed_form"
+    closed_form_input = "pairs"          # fit_closed_form gets the train ratings (a Part)
+    has_item_vectors = False
+    score_label = ("score = baseline + the similarity-weighted mean of the user's residuals "
+                   "on the k most similar items they rated")
+    options = {"dim": "k: the most similar rated items each prediction averages over",
+               "reg": "shrinkage lambda of the similarities, (n - 1) / (n - 1 + lambda) for "
+                      "n co-raters, inf its limit (weights proportional to the correlation "
+                      "times n - 1); unset: chosen on validation from ItemKNN.reg_grid"}
+    reg_grid: ClassVar[tuple[float, ...]] = (100.0, 400.0, 1600.0, 6400.0, math.inf)
+
+    def __init__(self, n_users: int, n_items: int, dim: int = 40, global_mean: float = 0.0,
+                 scale: float = 1.0, sparse: bool = False):
+        super().__init__(n_users, n_items, global_mean, scale)
+        self.k = int(dim)
+        check_memory(self.n_items, torch.device("cpu"), matrices=0.5, headroom=0, who="knn")
+        self.register_buffer("sim", torch.zeros(self.n_items, self.n_items,
+                                                dtype=torch.bfloat16))
+        self.register_buffer("lam", torch.tensor(0.0))          # the fitted lambda
+        # the residuals of the ratings the model was fitted on, a CSR by user
+        self.register_buffer("indptr", torch.zeros(self.n_users + 1, dtype=torch.int64))
+        self.register_buffer("rated", torch.zeros(0, dtype=torch.int32))
+        self.register_buffer("resid", torch.zeros(0))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("rated", "resid"):              # their length is the data's
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @classmethod
+    def from_config(cls, hp: dict[str, Any], task: str, global_mean: float, scale: float,
+                    sparse: bool) -> dict[str, Any]:
+        return {"dim": int(hp.get("dim") or 40), "global_mean": global_mean, "scale": scale}
+
+    # -- fitting -------------------------------------------------------------------------
+    def _store_residuals(self, users: np.ndarray, items: np.ndarray, z: np.ndarray) -> None:
+        dev = self.sim.device
+        order = np.lexsort((items, users))
+        counts = np.bincount(users, minlength=self.n_users)
+        self.indptr = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)])).to(dev)
+        self.rated = torch.from_numpy(items[order].astype(np.int32)).to(dev)
+        self.resid = torch.from_numpy(z[order].astype(np.float32)).to(dev)
+
+    def _residuals(self, train) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        u = train.users.cpu().numpy()
+        i = train.items.cpu().numpy()
+        bu, bi = self.base_user.cpu().numpy(), self.base_item.cpu().numpy()
+        z = train.ratings.cpu().numpy().astype(np.float64) - float(self.global_mean) \
+            - bu[u] - bi[i]
+        return u, i, z
+
+    @contextlib.contextmanager
+    def closed_form_solver(self, train) -> Iterator[Callable[[dict[str, Any]], None]]:
+        """Within the block: ``fit(hp)`` sets the similarities for lambda = hp["reg"], all
+        fits sharing one set of correlations (computed on entry, freed on exit). The
+        baseline is the one ``learn_fallback`` stored from the same ratings."""
+        # the correlations and counts (float32) beside the bfloat16 similarities
+        check_memory(self.n_items, torch.device("cpu"), matrices=2.5, held=0.5, who="knn")
+        u, i, z = self._residuals(train)
+        self._store_residuals(u, i, z)
+        rho, cnt = correlations(residual_csr(u, i, z, self.n_users, self.n_items))
+        cnt.sub_(1.0).clamp_(min=0.0)
+
+        @torch.no_grad()
+        def fit(hp: dict[str, Any]) -> None:
+            lam = hp.get("reg")
+            if lam is None or not float(lam) >= 0:
+                raise ValueError("knn needs hp['reg'] >= 0 (the shrinkage lambda)")
+            lam = float(lam)
+            step = max(1, _BLOCK_FLOATS // self.n_items)
+            for a in range(0, self.n_items, step):
+                c = cnt[a:a + step]
+                # lambda = inf: the limit up to a constant factor, which the weighted mean
+                # cancels: s_ij proportional to rho_ij (n_ij - 1)
+                s = rho[a:a + step] * (c if math.isinf(lam) else
+                                       c / (c + float(lam)).clamp_min(1e-12))
+                self.sim[a:a + step] = s.clamp_min_(0.0).to(self.sim.device, torch.bfloat16)
+            self.lam.fill_(float(lam))
+
+        try:
+            yield fit
+        finally:
+            del rho, cnt
+
+    def fit_closed_form(self, train, hp: dict[str, Any]) -> None:
+        with self.closed_form_solver(train) as fit:
+            fit(hp)
+
+    # -- scoring -------------------------------------------------------------------------
+    def _user_scores(self, u: int, items: torch.Tensor) -> torch.Tensor:
+        """The neighbour term of user ``u`` for ``items`` (1-d): 0 without a positive
+        neighbour."""
+        a, b = int(self.indptr[u]), int(self.indptr[u + 1])
+        out = torch.zeros(items.shape[0], device=items.device)
+        if b == a:
+            return out
+        rated, z = self.rated[a:b].long(), self.resid[a:b]
+        k = min(self.k, b - a)
+        step = max(1, _BLOCK_FLOATS // (b - a))
+        for s in range(0, items.shape[0], step):
+            w = self.sim[items[s:s + step]][:, rated].float()          # [T, n_u], >= 0
+            if k < b - a:
+                w, idx = torch.topk(w, k, dim=1)
+                zz = z[idx]
+            else:
+                zz = z.expand_as(w)
+            den = w.sum(1)
+            out[s:s + step] = torch.where(den > 0, (w * zz).sum(1) / den.clamp_min(1e-12),
+                                          torch.zeros_like(den))
+        return out
+
+    @torch.no_grad()
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        users, items = torch.broadcast_tensors(users, items)
+        shape = users.shape
+        users, items = users.reshape(-1), items.reshape(-1)
+        out = self.global_mean + self.base_user[users] + self.base_item[items]
+        uniq, inv = torch.unique(users, return_inverse=True)
+        order = torch.argsort(inv, stable=True)
+        bounds = torch.searchsorted(inv[order], torch.arange(len(uniq) + 1,
+                                                             device=users.device))
+        for j, u in enumerate(uniq.tolist()):
+            sel = order[int(bounds[j]):int(bounds[j + 1])]
+            out[sel] += self._user_scores(u, items[sel])
+        return out.view(shape)
+
+    # -- new users -----------------------------------------------------------------------
+    @torch.no_grad()
+    def fold_in(self, objective, reg, users, items, ratings, n_users, steps=0, lr=0.0,
+                seed=0):
+        """New users 0..n_users-1: their bias b_u = sum(r - mu - b_i) / (REG_U + n) with the
+        item biases fixed (the baseline's own user step), their residuals their neighbours;
+        ``reg``, ``steps`` and ``lr`` are not used (nothing is optimised)."""
+        import copy
+        dev = self.sim.device
+        u = np.asarray(users, dtype=np.int64)
+        i = np.asarray(items, dtype=np.int64)
+        r = np.asarray(ratings, dtype=np.float64)
+        bi = self.base_item.cpu().numpy().astype(np.float64)
+        dev_r = r - float(self.global_mean) - bi[i]
+        bu = np.bincount(u, dev_r, n_users) / (REG_U + np.bincount(u, minlength=n_users))
+        folded = copy.copy(self)
+        folded._buffers = dict(self._buffers)
+        folded.n_users = n_users
+        folded._buffers["known_user"] = torch.ones(n_users, dtype=torch.bool, device=dev)
+        folded._buffers["base_user"] = torch.from_numpy(bu.astype(np.float32)).to(dev)
+        folded._buffers["indptr"] = torch.zeros(n_users + 1, dtype=torch.int64, device=dev)
+        folded._store_residuals(u, i, dev_r - bu[u])
+        folded.eval()
+        return folded, (f"item kNN fold-in: the new user's bias from their {len(r)} ratings "
+                        f"against the item biases (weight {REG_U:g}), and those ratings as "
+                        f"the neighbours (k {self.k}, lambda {float(self.lam):g}); nothing "
+                        f"was optimised")
