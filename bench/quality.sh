@@ -40,7 +40,7 @@ seeds() {  # DIR NAME PAIRS MODELS...
 peer() {  # DIR NAME
   if $PY -c "import surprise" 2>/dev/null; then
     echo "$2, peer on the same test pairs:"
-    $PY bench/bench_vs_surprise.py --data-dir "$1" --surprise-only | grep Surprise
+    $PY bench/bench_vs_surprise.py --data-dir "$1" --surprise-only --knn | grep Surprise
   else
     echo "$2: peer row skipped (scikit-surprise not installed: pip install -r bench/requirements.txt)"
   fi
