@@ -8,11 +8,13 @@ import models
 N_USERS, N_ITEMS = 6, 9
 SMALL = {"mf": {"dim": 4}, "bpmf": {"dim": 2}, "deepmf": {"emb_dim": 8, "hidden": 4}, "gmf": {"dim": 4},
          "mlp": {"layers": [8, 4]}, "neumf": {"gmf_dim": 4, "layers": [8, 4]}}
-# the families that score (user, item) pairs from their own row tables, trained on pair batches;
-# EASE and the autoencoders have their own tests (tests/test_ease.py, tests/test_autoencoders.py),
-# and so does blend, a stack of trained members without tables of its own (tests/test_blend.py)
+# the families that score (user, item) pairs from their own row tables (and so have item
+# vectors), trained on pair batches; EASE and the autoencoders have their own tests
+# (tests/test_ease.py, tests/test_autoencoders.py), and so do blend, a stack of trained
+# members, and knn, which keeps similarities and residuals instead of tables
+# (tests/test_blend.py, tests/test_knn.py)
 PAIR_FAMILIES = sorted(n for n, c in models.MODELS.items()
-                       if c.input == "pairs" and c.batches == "pairs" and n != "blend")
+                       if c.input == "pairs" and c.batches == "pairs" and c.has_item_vectors)
 
 
 @pytest.mark.parametrize("name", PAIR_FAMILIES)
