@@ -98,7 +98,7 @@ class ItemKNN(Family):
                "reg": "shrinkage lambda of the similarities, (n - 1) / (n - 1 + lambda) for "
                       "n co-raters, inf its limit (weights proportional to the correlation "
                       "times n - 1); unset: chosen on validation from ItemKNN.reg_grid"}
-    reg_grid: ClassVar[tuple[float, ...]] = (100.0, 400.0, 1600.0, 6400.0, math.inf)
+    reg_grid: ClassVar[tuple[float, ...]] = (25.0, 100.0, 400.0, 1600.0, 6400.0, math.inf)
 
     def __init__(self, n_users: int, n_items: int, dim: int = 40, global_mean: float = 0.0,
                  scale: float = 1.0, sparse: bool = False):
