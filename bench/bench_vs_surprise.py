@@ -41,6 +41,12 @@ def build_split(data_dir: Path, shared: Path, dataset: str) -> None:
     matrix.main(["--data-dir", str(data_dir)])
 
 
+def _surprise_test(algo, te) -> np.ndarray:
+    """A fitted Surprise model's clipped predictions of the test pairs ``te`` (a COO)."""
+    return np.array([algo.predict(int(u), int(i), clip=True).est
+                     for u, i in zip(te.row, te.col)])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,7 +103,7 @@ def main() -> None:
     trainset = Dataset.load_from_df(fit_df, Reader(rating_scale=(lo, hi))).build_full_trainset()
     algo = SVD(random_state=args.seed)
     algo.fit(trainset)
-    pred = np.array([algo.predict(int(u), int(i), clip=True).est for u, i in zip(te.row, te.col)])
+    pred = _surprise_test(algo, te)
     s_secs = time.perf_counter() - t0
     s_rmse = float(np.sqrt(np.mean((pred - te.data) ** 2)))
     known_u = set(np.unique(fit_df["u"]).tolist())       # Surprise's raw ids: ours' idx
@@ -114,8 +120,7 @@ def main() -> None:
         algo = KNNBaseline(sim_options={"name": "pearson_baseline", "user_based": False},
                            verbose=False)
         algo.fit(trainset)
-        kpred = np.array([algo.predict(int(u), int(i), clip=True).est
-                          for u, i in zip(te.row, te.col)])
+        kpred = _surprise_test(algo, te)
         k_rmse = float(np.sqrt(np.mean((kpred - te.data) ** 2)))
         print(f"Surprise KNNBaseline (item-based pearson_baseline, k 40, shrinkage 100, fit on "
               f"train+valid): test RMSE {k_rmse:.4f}  wall {time.perf_counter() - t0:.2f}s; "
@@ -131,8 +136,7 @@ def main() -> None:
         best = {k: v for k, v in gs.best_params["rmse"].items() if k != "random_state"}
         algo = SVD(**best, random_state=args.seed)
         algo.fit(trainset)
-        gpred = np.array([algo.predict(int(u), int(i), clip=True).est
-                          for u, i in zip(te.row, te.col)])
+        gpred = _surprise_test(algo, te)
         g_rmse = float(np.sqrt(np.mean((gpred - te.data) ** 2)))
         print(f"Surprise SVD grid-tuned (GridSearchCV, 36 settings x 3 folds on train+valid, "
               f"best CV RMSE {gs.best_score['rmse']:.4f} at {best}): test RMSE {g_rmse:.4f}  "

@@ -286,9 +286,7 @@ class Blend(Family):
                 seed=0):
         """Each member's own fold-in (with its training L2 and objective); the new users'
         support is the number of ratings they gave."""
-        import copy
-        out = copy.copy(self)
-        out._modules = dict(self._modules)
+        out = self.with_user_rows({}, n_users)
         parts, how = {}, []
         for m in self.members:
             p = self.parts[m["name"]]
@@ -302,13 +300,8 @@ class Blend(Family):
         out._modules["parts"] = nn.ModuleDict(parts)
         dev = self.global_mean.device
         counts = np.bincount(np.asarray(users, dtype=np.int64), minlength=n_users)
-        out._buffers = dict(self._buffers)
         out._buffers["user_support"] = _support(torch.from_numpy(counts).to(dev))
         out._buffers["user_fold"] = torch.zeros(n_users, dtype=torch.long, device=dev)
-        out._buffers["known_user"] = torch.ones(n_users, dtype=torch.bool, device=dev)
-        out._buffers["base_user"] = torch.zeros(n_users, device=dev)
-        out.n_users = n_users
-        out.eval()
         return out, "blend fold-in, each member's own: " + "; ".join(how)
 
 

@@ -56,6 +56,7 @@ from .objectives import Objective, RowL2
 
 REGISTRY: dict[str, type["Family"]] = {}
 FALLBACK_BUFFERS = ("known_user", "known_item", "base_user", "base_item")
+BASELINE_REG_U, BASELINE_REG_I = 15.0, 10.0     # regularised_baseline's weights (Surprise's)
 
 
 def register(name: str):
@@ -431,16 +432,19 @@ class Family(nn.Module):
         return self.global_mean + bu[users] + bi[items]
 
     # -- new users -----------------------------------------------------------------------
-    def with_user_rows(self, rows: dict[str, torch.Tensor]) -> "Family":
-        """A copy (item side shared, frozen) whose user tables are ``rows``."""
+    def with_user_rows(self, rows: dict[str, torch.Tensor], n_users: int | None = None
+                       ) -> "Family":
+        """A copy (item side shared, frozen) whose user tables are ``rows``; a family without
+        user tables (knn, blend) passes ``{}`` and the number of new users, and sets its own
+        per-user buffers on the copy (its ``_modules`` and ``_buffers`` are its own dicts)."""
         folded = copy.copy(self)            # shallow: shares every item-side module, buffer
         folded._modules = dict(self._modules)
         for name, w in rows.items():
             emb = nn.Embedding(w.shape[0], w.shape[1], device=w.device)
             emb.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
             folded._modules[name] = emb
-        folded.n_users = n = next(iter(rows.values())).shape[0]
-        dev = next(iter(rows.values())).device
+        folded.n_users = n = next(iter(rows.values())).shape[0] if rows else int(n_users)
+        dev = next(iter(rows.values())).device if rows else self.global_mean.device
         folded._buffers = dict(self._buffers)        # the new users' rows are all fitted
         folded._buffers["known_user"] = torch.ones(n, dtype=torch.bool, device=dev)
         folded._buffers["base_user"] = torch.zeros(n, device=dev)
@@ -517,7 +521,8 @@ class Family(nn.Module):
 
 @torch.no_grad()
 def regularised_baseline(users: torch.Tensor, items: torch.Tensor, dev: torch.Tensor,
-                         n_users: int, n_items: int, reg_u: float = 15.0, reg_i: float = 10.0,
+                         n_users: int, n_items: int, reg_u: float = BASELINE_REG_U,
+                         reg_i: float = BASELINE_REG_I,
                          epochs: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     """Surprise's ``BaselineOnly`` (ALS, its defaults): ``dev`` = rating - global mean; per
     epoch b_i = sum_u(dev - b_u) / (reg_i + n_i), then b_u = sum_i(dev - b_i) / (reg_u + n_u).

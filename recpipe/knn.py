@@ -44,16 +44,9 @@ import scipy.sparse as sp
 import torch
 
 from .ease import check_memory
-from .family import Family, register
+from .family import BASELINE_REG_U, Family, register
 
 _BLOCK_FLOATS = 1 << 24           # float32 entries of one dense block (fit and scoring)
-REG_U = 15.0                      # regularised_baseline's user-bias weight (Surprise's)
-
-
-def residual_csr(users: np.ndarray, items: np.ndarray, z: np.ndarray, n_users: int,
-                 n_items: int) -> sp.csr_matrix:
-    """The residuals as a users x items float64 CSR (duplicates summed: stage 20 has none)."""
-    return sp.csr_matrix((z.astype(np.float64), (users, items)), shape=(n_users, n_items))
 
 
 def correlations(z: sp.csr_matrix) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +143,7 @@ class ItemKNN(Family):
         check_memory(self.n_items, torch.device("cpu"), matrices=2.5, held=0.5, who="knn")
         u, i, z = self._residuals(train)
         self._store_residuals(u, i, z)
-        rho, cnt = correlations(residual_csr(u, i, z, self.n_users, self.n_items))
+        rho, cnt = correlations(sp.csr_matrix((z, (u, i)), shape=(self.n_users, self.n_items)))
         cnt.sub_(1.0).clamp_(min=0.0)
 
         @torch.no_grad()
@@ -164,10 +157,9 @@ class ItemKNN(Family):
                 c = cnt[a:a + step]
                 # lambda = inf: the limit up to a constant factor, which the weighted mean
                 # cancels: s_ij proportional to rho_ij (n_ij - 1)
-                s = rho[a:a + step] * (c if math.isinf(lam) else
-                                       c / (c + float(lam)).clamp_min(1e-12))
+                s = rho[a:a + step] * (c if math.isinf(lam) else c / (c + lam).clamp_min(1e-12))
                 self.sim[a:a + step] = s.clamp_min_(0.0).to(self.sim.device, torch.bfloat16)
-            self.lam.fill_(float(lam))
+            self.lam.fill_(lam)
 
         try:
             yield fit
@@ -220,26 +212,20 @@ class ItemKNN(Family):
     @torch.no_grad()
     def fold_in(self, objective, reg, users, items, ratings, n_users, steps=0, lr=0.0,
                 seed=0):
-        """New users 0..n_users-1: their bias b_u = sum(r - mu - b_i) / (REG_U + n) with the
+        """New users 0..n_users-1: their bias b_u = sum(r - mu - b_i) / (BASELINE_REG_U + n) with the
         item biases fixed (the baseline's own user step), their residuals their neighbours;
         ``reg``, ``steps`` and ``lr`` are not used (nothing is optimised)."""
-        import copy
         dev = self.sim.device
         u = np.asarray(users, dtype=np.int64)
         i = np.asarray(items, dtype=np.int64)
         r = np.asarray(ratings, dtype=np.float64)
         bi = self.base_item.cpu().numpy().astype(np.float64)
         dev_r = r - float(self.global_mean) - bi[i]
-        bu = np.bincount(u, dev_r, n_users) / (REG_U + np.bincount(u, minlength=n_users))
-        folded = copy.copy(self)
-        folded._buffers = dict(self._buffers)
-        folded.n_users = n_users
-        folded._buffers["known_user"] = torch.ones(n_users, dtype=torch.bool, device=dev)
+        bu = np.bincount(u, dev_r, n_users) / (BASELINE_REG_U + np.bincount(u, minlength=n_users))
+        folded = self.with_user_rows({}, n_users)
         folded._buffers["base_user"] = torch.from_numpy(bu.astype(np.float32)).to(dev)
-        folded._buffers["indptr"] = torch.zeros(n_users + 1, dtype=torch.int64, device=dev)
         folded._store_residuals(u, i, dev_r - bu[u])
-        folded.eval()
         return folded, (f"item kNN fold-in: the new user's bias from their {len(r)} ratings "
-                        f"against the item biases (weight {REG_U:g}), and those ratings as "
+                        f"against the item biases (weight {BASELINE_REG_U:g}), and those ratings as "
                         f"the neighbours (k {self.k}, lambda {float(self.lam):g}); nothing "
                         f"was optimised")
