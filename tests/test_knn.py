@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import models  # noqa: F401 - registers the families
-from recpipe import recommend
+from recpipe import knn, recommend
 from recpipe.checkpoint import load_model
 from recpipe.cli import parse_config
 from recpipe.dataset import Part, load_data
@@ -26,6 +26,7 @@ from stage_fixtures import ml100k_stage40, new_user_recommendations
 def _table(seed=0, n_users=40, n_items=15, density=0.45):
     rng = np.random.default_rng(seed)
     mask = rng.random((n_users, n_items)) < density
+    mask[-1] = False                                  # the last user has no train rating
     u, i = np.nonzero(mask)
     r = rng.integers(1, 6, len(u)).astype(np.float32)
     part = Part(torch.tensor(u), torch.tensor(i), torch.tensor(r))
@@ -42,9 +43,8 @@ def _fitted(part, n_users, n_items, k, lam):
 
 def _reference(part, n_users, n_items, k, lam, mu, sims=None):
     """The module docstring's formulas by loops over users and item pairs (float64); with
-    ``sims``, the predictions from those similarities. Also returns, per (user, item),
-    whether the k-th and (k+1)-th largest similarity among the user's rated items tie (then
-    which neighbour is taken is arbitrary)."""
+    ``sims``, the predictions from those similarities, of equal similarities the lower item
+    ids taken first (Python's sort is stable)."""
     u, i, r = (t.numpy() for t in (part.users, part.items, part.ratings))
     bu, bi = regularised_baseline(part.users, part.items, part.ratings.double() - mu,
                                   n_users, n_items)
@@ -66,33 +66,38 @@ def _reference(part, n_users, n_items, k, lam, mu, sims=None):
                 s[a, b] = max(0.0, num / den * (len(co) - 1) / (len(co) - 1 + lam))
     use = s if sims is None else sims
     pred = np.zeros((n_users, n_items))
-    tie = np.zeros((n_users, n_items), dtype=bool)
     for v in range(n_users):
         rated = [b for b in range(n_items) if (v, b) in z]
         for t in range(n_items):
             order = sorted(rated, key=lambda b: -use[t, b])
             nb = order[:k]
-            tie[v, t] = len(order) > k and use[t, order[k - 1]] == use[t, order[k]] > 0
             w = np.array([use[t, b] for b in nb])
             zz = np.array([z[(v, b)] for b in nb])
             extra = float(w @ zz / w.sum()) if len(nb) and w.sum() > 0 else 0.0
             pred[v, t] = mu + bu[v] + bi[t] + extra
-    return s, pred, tie
+    return s, pred
 
 
-@pytest.mark.parametrize("k, lam", [(3, 10.0), (100, 0.0)])
-def test_similarities_and_predictions_match_plain_loops(k, lam):
+@pytest.mark.parametrize("k, lam, block", [(3, 10.0, None), (100, 0.0, None), (3, 10.0, 20)])
+def test_similarities_and_predictions_match_plain_loops(k, lam, block, monkeypatch):
+    """``block``: the scoring's block size in floats, so small that a block holds one or two
+    pairs and the pairs of one user are split across blocks."""
+    if block:
+        monkeypatch.setattr(knn, "_BLOCK_FLOATS", block)
     part, nu, ni = _table()
     m, mu = _fitted(part, nu, ni, k, lam)
-    s, _, _ = _reference(part, nu, ni, k, lam, mu)
+    s, _ = _reference(part, nu, ni, k, lam, mu)
     # bfloat16 similarities: 3 significant digits
     np.testing.assert_allclose(m.sim.float().numpy(), s, rtol=8e-3, atol=1e-6)
-    _, pred, tie = _reference(part, nu, ni, k, lam, mu, m.sim.double().numpy())
+    _, pred = _reference(part, nu, ni, k, lam, mu, m.sim.double().numpy())
     users = torch.arange(nu).repeat_interleave(ni)
     items = torch.arange(ni).repeat(nu)
-    got = m(users, items).double().numpy().reshape(nu, ni)
-    assert tie.mean() < 0.2
-    np.testing.assert_allclose(got[~tie], pred[~tie], atol=2e-5, rtol=0)
+    shuffle = torch.randperm(len(users), generator=torch.Generator().manual_seed(0))
+    got = np.empty(len(users))
+    got[shuffle.numpy()] = m(users[shuffle], items[shuffle]).double().numpy()  # pairs mixed
+    got = got.reshape(nu, ni)
+    assert np.allclose(got[-1], mu + m.base_item.double().numpy())    # no history: baseline
+    np.testing.assert_allclose(got, pred, atol=2e-5, rtol=0)
     # scoring every item of a block of users is the pairwise scoring
     torch.testing.assert_close(m.score_all(torch.arange(nu)),
                                m(users, items).view(nu, ni))
