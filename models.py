@@ -220,22 +220,28 @@ class BiasedMF(_Base):
                     scratch):
         """One epoch of ``--optimizer rowsgd`` (recpipe/kernels.py): per rating, an SGD step
         on the objective above (the same per-sample L2 on the four rows), each row with its
-        AdaGrad step size. CPU only: the tables are packed for the kernel and written back."""
+        AdaGrad step size. CPU only: the tables are packed for the kernel (a copy held for
+        the epoch only) and written back."""
         from recpipe import kernels      # numba: imported by the runs that use it only
         sides = ((self.user_factors.weight, self.user_bias.weight),
                  (self.item_factors.weight, self.item_bias.weight))
         arrays = [(w.detach().numpy(), b.detach().numpy(), accumulators(w).numpy(),
                    accumulators(b).numpy()) for w, b in sides]
         if scratch.get("ratings") is not ratings:     # once per train part
-            z = ((ratings - self.global_mean) / self.scale).to(torch.float32).numpy()
-            scratch.update(ratings=ratings,
-                           kernel=kernels.Ratings(users.numpy(), items.numpy(), z))
-        U, V = (kernels.pack_into(scratch.get(key), *a) for key, a in zip("UV", arrays))
-        scratch.update(U=U, V=V)
+            scratch.clear()                           # the previous part's copy first
+            scratch.update(ratings=ratings, kernel=kernels.Ratings(
+                users.numpy(), items.numpy(), ratings.to(torch.float32).numpy(),
+                self._standardise))
+        U, V = (kernels.pack(*a) for a in arrays)
         sq = scratch["kernel"].epoch(seed, U, V, lr, reg, threads)
         for packed, a in zip((U, V), arrays):
             kernels.unpack(packed, *a)
         return sq
+
+    def _standardise(self, z: np.ndarray) -> None:
+        """Ratings (float32, in place) to the kernel's units: the ``(r - mean) / scale`` of
+        ``_residual_chunks``, elementwise, so the kernel's copy needs no temporary."""
+        torch.from_numpy(z).sub_(self.global_mean).div_(self.scale)
 
     def fold_in(self, objective: Objective, reg: float, users: np.ndarray, items: np.ndarray,
                 ratings: np.ndarray, n_users: int, steps: int = 300, lr: float = 0.05,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import scipy.sparse as sp
@@ -33,6 +33,38 @@ class Part:
         return int(self.users.shape[0])
 
 
+class _OnFirstUse:
+    """A value read by ``load()`` when it is first asked for; the copies of a ``Data`` that
+    ``_replace`` makes share it, so it is read once."""
+
+    def __init__(self, load: Callable[[], Any]):
+        self._load: Callable[[], Any] | None = load
+        self._value = None
+
+    def get(self) -> Any:
+        if self._load is not None:
+            self._value, self._load = self._load(), None
+        return self._value
+
+
+class _ReadOnFirstUse:
+    """A ``Data`` field that may hold an ``_OnFirstUse``: reading the field reads the value.
+    ``load_data`` defers the binary train CSR this way, since the explicit pair models never
+    read it (8 bytes a train interaction: 0.65 GB at 81M)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return None                   # the field's default (dataclasses asks the class)
+        value = obj.__dict__.get(self.slot)
+        return value.get() if isinstance(value, _OnFirstUse) else value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.slot] = value
+
+
 @dataclasses.dataclass
 class Data:
     manifest: dict[str, Any]
@@ -45,12 +77,14 @@ class Data:
     train: Part
     valid: Part
     test: Part
-    train_csr: sp.csr_matrix          # binary train interactions (exclusion, negatives)
     # sorted user * n_items + item of the train interactions: None until ``keys()`` builds
     # them (only sampled negatives read them: 8 bytes an interaction, and a sort)
     train_keys: torch.Tensor | None
     candidates: dict[str, tuple[torch.Tensor, torch.Tensor]]   # part -> (users, items[U,1+N])
     device: torch.device
+    # binary train interactions (exclusion, negatives, closed forms); load_data reads them
+    # on first use (``_ReadOnFirstUse``)
+    train_csr: sp.csr_matrix | None = _ReadOnFirstUse()
     fingerprint: str = ""             # of stage 40's manifest (what a checkpoint trained on)
     source: Path | None = None        # stage 40's folder (read lazily: the timestamps)
     # part -> (known interactions, recency rank of each entry): read and ranked once, shared
@@ -86,22 +120,74 @@ def _load_npz(path: Path) -> sp.csr_matrix:
     return m
 
 
-def _part(m: sp.csr_matrix, path: Path, explicit: bool, device: torch.device) -> Part:
-    coo = m.tocoo()
-    vals = coo.data.astype(np.float32)
+def _read_part(d: Path, name: str, shape: tuple[int, int]) -> sp.csr_matrix:
+    """Stage 40's ``name`` matrix, checked against the manifest's shape, in canonical form
+    (duplicates summed, each row's items sorted)."""
+    p = d / f"{name}.npz"
+    m = _load_npz(p)
+    if m.shape != shape:
+        raise PipelineError(f"{p} has shape {m.shape}, the manifest says {shape}; rerun "
+                            f"stage 40")
+    m.sum_duplicates()
+    return m
+
+
+def _fill(m: sp.csr_matrix, path: Path, explicit: bool, users: np.ndarray, items: np.ndarray,
+          ratings: np.ndarray) -> None:
+    """Write the entries of the canonical CSR ``m`` into ``users`` / ``items`` (int64) and
+    ``ratings`` (float32), each of ``m.nnz``, in (user, item) order: the CSR's own order, so
+    no sort and no temporary copy of the part."""
+    vals = m.data.astype(np.float32, copy=False)
     bad = ~np.isfinite(vals)
     if bad.any():
         j = int(np.flatnonzero(bad)[0])
         what = "explicit ratings" if explicit else "interaction values"
+        row = int(np.searchsorted(m.indptr, j, side="right")) - 1
         raise PipelineError(
             f"{path}: {int(bad.sum())} non-finite value(s) among the {what} (first at user_idx "
-            f"{int(coo.row[j])}, item_idx {int(coo.col[j])}: {vals[j]}); ratings must be "
+            f"{row}, item_idx {int(m.indices[j])}: {vals[j]}); ratings must be "
             f"finite numbers. Interactions kept without a rating belong to the implicit task: "
             f"use --task implicit, or rerun stage 10 without keeping unrated rows")
-    order = np.lexsort((coo.col, coo.row))
-    return Part(users=torch.from_numpy(coo.row[order].astype(np.int64)).to(device),
-                items=torch.from_numpy(coo.col[order].astype(np.int64)).to(device),
-                ratings=torch.from_numpy(vals[order]).to(device))
+    # each entry's row: the number of rows after the first that start at or before it
+    users[:] = 0
+    row_starts = m.indptr[1:-1]
+    np.add.at(users, row_starts[row_starts < m.nnz], 1)
+    np.cumsum(users, out=users)
+    items[:] = m.indices
+    ratings[:] = vals
+
+
+def _parts(m: dict[str, sp.csr_matrix], names: tuple[str, ...], d: Path, suffix: str,
+           explicit: bool, device: torch.device) -> dict[str, Part]:
+    """The parts ``names`` as consecutive slices of one set of tensors (``with_valid_in_train``
+    joins train and valid without a copy); each CSR is dropped from ``m`` once copied."""
+    sizes = [m[name].nnz for name in names]
+    users = torch.empty(sum(sizes), dtype=torch.int64)
+    items = torch.empty(sum(sizes), dtype=torch.int64)
+    ratings = torch.empty(sum(sizes), dtype=torch.float32)
+    at = 0
+    for name, n in zip(names, sizes):
+        _fill(m.pop(name), d / f"{name}{suffix}.npz", explicit, users[at:at + n].numpy(),
+              items[at:at + n].numpy(), ratings[at:at + n].numpy())
+        at += n
+    users, items, ratings = users.to(device), items.to(device), ratings.to(device)
+    parts, at = {}, 0
+    for name, n in zip(names, sizes):
+        parts[name] = Part(users=users[at:at + n], items=items[at:at + n],
+                           ratings=ratings[at:at + n])
+        at += n
+    return parts
+
+
+def _train_binary(path: Path, source: Path, upstream: str) -> sp.csr_matrix:
+    """The binary train view, read when first used; stage 40 must still be the build the
+    parts were read from."""
+    if fingerprint(source / MANIFEST) != upstream:
+        raise PipelineError(f"{source} was rebuilt while this run was using it; rerun the "
+                            f"command once stage 40 has finished")
+    m = _load_npz(path).tocsr()
+    m.sum_duplicates()
+    return m
 
 
 def load_data(data_dir: str | Path, task: str, device: torch.device,
@@ -117,25 +203,21 @@ def load_data(data_dir: str | Path, task: str, device: torch.device,
                             f"`python 40_make_sparse_matrix.py --data-dir {data_dir}`")
     explicit = task == "explicit"
     suffix = "" if explicit else "_implicit"
-    parts = {}
-    mats = {}
-    for name in ("train", "valid", "test"):
-        p = d / f"{name}{suffix}.npz"
-        m = _load_npz(p)
-        if m.shape != (n_users, n_items):
-            raise PipelineError(f"{p} has shape {m.shape}, the manifest says "
-                                f"({n_users}, {n_items}); rerun stage 40")
-        m.sum_duplicates()
-        mats[name] = m
-        parts[name] = _part(m, p, explicit, device)
-    if len(parts["train"]) == 0:
+    shape = (n_users, n_items)
+    # one CSR in memory at a time beside the parts (valid's is small)
+    mats = {name: _read_part(d, name + suffix, shape) for name in ("valid", "train")}
+    if mats["train"].nnz == 0:
         raise PipelineError(f"{d / ('train' + suffix + '.npz')} holds no interactions; check the "
                             f"filters of stages 20-30")
-    # the binary train view for exclusion and negatives (the implicit file holds unrated too)
+    fp = fingerprint(d / MANIFEST)
+    # the binary train view for exclusion and negatives (the implicit file holds unrated too):
+    # the implicit task's is the train matrix itself; the explicit task's is read on first use
     bin_path = d / "train_implicit.npz"
-    train_bin = _load_npz(bin_path) if (explicit and bin_path.exists()) else mats["train"]
-    train_bin = train_bin.tocsr()
-    train_bin.sum_duplicates()
+    train_bin: Any = mats["train"] if not explicit else _OnFirstUse(
+        lambda: _train_binary(bin_path if bin_path.exists() else d / "train.npz", d, fp))
+    parts = _parts(mats, ("train", "valid"), d, suffix, explicit, device)
+    mats["test"] = _read_part(d, "test" + suffix, shape)
+    parts.update(_parts(mats, ("test",), d, suffix, explicit, device))
     tr = parts["train"].ratings
     scale = man.get("rating_scale") or [float(tr.min()), float(tr.max())]
     # the train ratings' mean and std standardise the explicit models' outputs; stage 40
@@ -173,8 +255,7 @@ def load_data(data_dir: str | Path, task: str, device: torch.device,
                 rating_scale=(float(scale[0]), float(scale[1])), global_mean=gmean,
                 rating_std=std, task=task, train=parts["train"], valid=parts["valid"],
                 test=parts["test"], train_csr=train_bin,
-                train_keys=None, candidates=cands, device=device,
-                fingerprint=fingerprint(d / MANIFEST), source=d)
+                train_keys=None, candidates=cands, device=device, fingerprint=fp, source=d)
 
 
 def has_times(data: Data) -> bool:
@@ -349,10 +430,12 @@ def with_valid_in_train(data: Data, keys: bool = True, csr: bool = True) -> Data
     ``keys`` / ``csr``: build the merged ``train_keys`` (sampled negatives need them) and
     ``train_csr`` (closed-form fits); when not asked for they are None, so that nothing can
     read the train-only ones by mistake. At 100M ratings each costs a sort or a sparse sum of
-    91M entries, about 0.7 GB held and more while it is built."""
+    91M entries, about 0.7 GB held and more while it is built. The merged part is a view of
+    train and valid where they lie one after the other in memory (``load_data`` puts them
+    so), a copy otherwise."""
     t, v = data.train, data.valid
-    train = Part(users=torch.cat([t.users, v.users]), items=torch.cat([t.items, v.items]),
-                 ratings=torch.cat([t.ratings, v.ratings]))
+    train = Part(users=_joined(t.users, v.users), items=_joined(t.items, v.items),
+                 ratings=_joined(t.ratings, v.ratings))
     merged_keys = merged_csr = None
     if keys:
         vk = v.users * data.n_items + v.items
@@ -365,6 +448,24 @@ def with_valid_in_train(data: Data, keys: bool = True, csr: bool = True) -> Data
         merged_csr.data[:] = 1.0
     return dataclasses.replace(data, train=train, train_keys=merged_keys,
                                train_csr=merged_csr)
+
+
+def _joined(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.cat([a, b])`` of two 1-D tensors, as a view when ``b`` starts where ``a`` ends
+    in the same storage."""
+    if (a.is_contiguous() and b.is_contiguous() and a.dtype == b.dtype
+            and a.device == b.device
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and b.data_ptr() == a.data_ptr() + a.numel() * a.element_size()):
+        return a.as_strided((a.numel() + b.numel(),), (1,))
+    return torch.cat([a, b])
+
+
+def _replace(data: Data, **changes: Any) -> Data:
+    """``dataclasses.replace``, but a train CSR not read yet is handed on unread (and shared:
+    read once for both copies), where ``replace`` would read it to copy it."""
+    changes.setdefault("train_csr", data.__dict__.get("_train_csr"))
+    return dataclasses.replace(data, **changes)
 
 
 def sample_users(data: Data, part: str, n: int, seed: int) -> tuple[Data, int, int]:
@@ -386,4 +487,4 @@ def sample_users(data: Data, part: str, n: int, seed: int) -> tuple[Data, int, i
         cu, ci = cands[part]
         cs = mask[cu]
         cands[part] = (cu[cs], ci[cs])
-    return dataclasses.replace(data, **{part: sub}, candidates=cands), len(keep), len(users)
+    return _replace(data, **{part: sub}, candidates=cands), len(keep), len(users)

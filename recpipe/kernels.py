@@ -26,13 +26,17 @@ number, so the order, and the result, depend on neither the number of threads no
 before (DSGD, Gemulla et al. 2011; LIBMF's scheduler is the lock-free variant of the same
 idea). BLOCKS is fixed, so ``--resume`` and a rerun are exact whatever ``--threads`` is.
 
-Memory: the ratings grouped by block once (int32 user, int32 item, float32 standardised
-rating: 12 bytes a rating) plus a buffer of the same size for each epoch's order, and the
-packed tables (k + 3 floats a row), reused between epochs.
+Memory: one copy of the ratings (int32 user, int32 item, float32 standardised rating: 12
+bytes a rating), grouped by block once and then permuted in place: each epoch first undoes
+the previous epoch's permutation (replaying its swaps backwards), then applies its own, so
+every epoch starts from the same grouped order without a second copy of it; and, during an
+epoch, the packed tables (k + 3 floats a row: a copy of the model's tables, dropped after
+the epoch, so that it is not held beside the evaluation's work between epochs).
 """
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import numpy as np
 
@@ -43,6 +47,7 @@ except ImportError:          # pragma: no cover - exercised only where numba is 
     numba = None
 
 BLOCKS = 8                   # user blocks = item blocks (see the module docstring)
+_UNKNOWN = -1                # Ratings.order_seed while a permutation is under way
 
 
 def available() -> bool:
@@ -61,7 +66,8 @@ if numba is not None:
     def _by_block(users, items, z, nb, starts, cu, ci, cz):
         """The ratings grouped by block (a stable counting sort): block b = s*nb + t, the
         block (t, (t + s) % nb) of stratum s (s = (item block - user block) mod nb), at
-        [starts[b], starts[b + 1]) of cu / ci / cz."""
+        [starts[b], starts[b + 1]) of cu / ci / cz (the ids narrowed to int32, the values
+        to cz's dtype)."""
         n = users.shape[0]
         counts = np.zeros(nb * nb, np.int64)
         for x in range(n):
@@ -81,25 +87,30 @@ if numba is not None:
             cz[p] = z[x]
 
     @njit(cache=_CACHE, parallel=True)
-    def _shuffle_blocks(seed, starts, cu, ci, cz, ou, oi, oz):
-        """This epoch's order: each block's ratings in a random order (Fisher-Yates from a
-        generator seeded with seed + block, so the order depends on the seed only, not on
-        the threads or on earlier epochs)."""
+    def _permute_blocks(seed, undo, starts, cu, ci, cz):
+        """Each block's ratings permuted in place by the Fisher-Yates swaps drawn from a
+        generator seeded with seed + block (so the order depends on the seed only, not on
+        the threads or on earlier epochs); ``undo`` applies the inverse, the same swaps in
+        reverse order, which brings the block back to the order it had before."""
         nblocks = starts.shape[0] - 1
         for b in prange(nblocks):
             lo, hi = starts[b], starts[b + 1]
             np.random.seed(seed + b)
-            idx = np.arange(lo, hi)
-            for j in range(hi - lo - 1, 0, -1):
-                r = np.random.randint(0, j + 1)
-                t = idx[j]
-                idx[j] = idx[r]
-                idx[r] = t
-            for j in range(hi - lo):
-                x = idx[j]
-                ou[lo + j] = cu[x]
-                oi[lo + j] = ci[x]
-                oz[lo + j] = cz[x]
+            if undo:                 # the swaps are drawn last to first: kept to be replayed
+                draws = np.empty(hi - lo, np.int64)
+                for j in range(hi - lo - 1, 0, -1):
+                    draws[j] = np.random.randint(0, j + 1)
+                for j in range(1, hi - lo):
+                    _swap(lo + j, lo + draws[j], cu, ci, cz)
+            else:
+                for j in range(hi - lo - 1, 0, -1):
+                    _swap(lo + j, lo + np.random.randint(0, j + 1), cu, ci, cz)
+
+    @njit(cache=_CACHE, inline="always")
+    def _swap(a, b, cu, ci, cz):
+        cu[a], cu[b] = cu[b], cu[a]
+        ci[a], ci[b] = ci[b], ci[a]
+        cz[a], cz[b] = cz[b], cz[a]
 
     @njit(cache=_CACHE, fastmath=True, error_model="numpy")     # no division checks
     def _block(lo, hi, users, items, z, U, V, lr, reg):
@@ -195,13 +206,11 @@ def gather_add_relu_backward(G: np.ndarray, H: np.ndarray, iu: np.ndarray, ii: n
     _gather_add_relu_backward(G, H, iu, ii, gA, gB)
 
 
-def pack_into(out: np.ndarray | None, factors: np.ndarray, bias: np.ndarray,
-              g_factors: np.ndarray, g_bias: np.ndarray) -> np.ndarray:
-    """[rows, k + 3] float32 (``out`` reused when it has that shape): factors, bias, the two
-    AdaGrad accumulators."""
+def pack(factors: np.ndarray, bias: np.ndarray, g_factors: np.ndarray,
+         g_bias: np.ndarray) -> np.ndarray:
+    """[rows, k + 3] float32: factors, bias, the two AdaGrad accumulators."""
     k = factors.shape[1]
-    if out is None or out.shape != (factors.shape[0], k + 3):
-        out = np.empty((factors.shape[0], k + 3), np.float32)
+    out = np.empty((factors.shape[0], k + 3), np.float32)
     out[:, :k] = factors
     out[:, k] = bias.reshape(-1)
     out[:, k + 1] = g_factors.reshape(-1)
@@ -220,21 +229,38 @@ def unpack(packed: np.ndarray, factors: np.ndarray, bias: np.ndarray, g_factors:
 
 
 class Ratings:
-    """The train ratings as the kernel reads them: grouped by block once (int32 ids and the
-    standardised rating, 12 bytes a rating), and a buffer of the same size for each epoch's
-    shuffled order."""
+    """The train ratings as the kernel reads them, in one copy: int32 ids and the
+    standardised rating (12 bytes a rating) in ``ou`` / ``oi`` / ``oz``, grouped by block
+    (``starts``) and, after ``epoch(seed, ...)``, each block in the order drawn from
+    ``seed``. ``standardise`` maps a float32 array of ratings to the kernel's units in place
+    (None: ``ratings`` are in them already)."""
 
-    def __init__(self, users: np.ndarray, items: np.ndarray, z: np.ndarray):
+    def __init__(self, users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
+                 standardise: Callable[[np.ndarray], None] | None = None):
         if numba is None:
             raise RuntimeError(missing_reason())
         n = users.shape[0]
         self.starts = np.zeros(BLOCKS * BLOCKS + 1, np.int64)
-        self.cu, self.ci = np.empty(n, np.int32), np.empty(n, np.int32)
-        self.cz = np.empty(n, np.float32)
-        _by_block(users, items, z.astype(np.float32, copy=False), BLOCKS, self.starts,
-                  self.cu, self.ci, self.cz)
         self.ou, self.oi = np.empty(n, np.int32), np.empty(n, np.int32)
         self.oz = np.empty(n, np.float32)
+        _by_block(users, items, ratings, BLOCKS, self.starts, self.ou, self.oi, self.oz)
+        if standardise is not None:    # elementwise, so the same values in grouped order
+            standardise(self.oz)
+        self.order_seed: int | None = None     # the permutation the arrays hold (None: none)
+
+    def _order(self, seed: int) -> None:
+        """Permute the blocks into ``seed``'s order, from the one the arrays hold now."""
+        if self.order_seed == seed:
+            return
+        if self.order_seed == _UNKNOWN:
+            raise RuntimeError("kernels.Ratings: an earlier epoch was interrupted while it "
+                               "reordered the ratings, so their order is unknown; build a "
+                               "new Ratings from the train part")
+        prev, self.order_seed = self.order_seed, _UNKNOWN
+        if prev is not None:
+            _permute_blocks(int(prev), True, self.starts, self.ou, self.oi, self.oz)
+        _permute_blocks(int(seed), False, self.starts, self.ou, self.oi, self.oz)
+        self.order_seed = seed
 
     def epoch(self, seed: int, U: np.ndarray, V: np.ndarray, lr: float, reg: float,
               threads: int) -> float:
@@ -242,8 +268,7 @@ class Ratings:
         other; U / V the packed user / item tables (updated in place). Returns the sum of
         the squared errors seen before each update."""
         numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
-        _shuffle_blocks(int(seed), self.starts, self.cu, self.ci, self.cz, self.ou, self.oi,
-                        self.oz)
+        self._order(int(seed))
         sq = 0.0
         for s in range(BLOCKS):   # one call per stratum: Ctrl-C is seen between strata
             sq += _stratum(s, self.starts, BLOCKS, self.ou, self.oi, self.oz, U, V,
@@ -257,4 +282,6 @@ def warm_up() -> None:
     users = np.arange(BLOCKS, dtype=np.int64)
     z = np.zeros(BLOCKS, np.float32)
     tables = [np.full((BLOCKS, 4), 0.1, np.float32) for _ in range(2)]
-    Ratings(users, users.copy(), z).epoch(0, *tables, 0.1, 0.1, 1)
+    ratings = Ratings(users, users.copy(), z)
+    for seed in (0, 1):      # the second epoch also undoes the first one's order
+        ratings.epoch(seed, *tables, 0.1, 0.1, 1)

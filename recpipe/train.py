@@ -118,7 +118,9 @@ class Trainer:
         self.best = -math.inf if self.higher else math.inf
         self.best_epoch = 0
         self.best_valid: dict[str, float] = {}
-        self.best_state = copy.deepcopy(self.model.state_dict())
+        # a refit selects nothing and never reads its best_state: references, not a copy
+        self.best_state = (self.model.state_dict() if is_refit
+                           else copy.deepcopy(self.model.state_dict()))
         self.bad_epochs = 0
         self.mark = self.best         # the metric at the last epoch that counted (--min-delta)
         self.lr_factor = 1.0

@@ -1,0 +1,146 @@
+"""Stage 60's memory paths hold the data they did before, without the copies: the parts are
+filled from stage 40's CSRs in place, the refit's train + valid part is a view of the two,
+the explicit task's binary train CSR is read on first use (once for every copy of the data),
+and the rowsgd kernel permutes its one copy of the ratings in place, each epoch in its seed's
+order whatever the epochs before."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from recpipe import dataset, kernels
+from recpipe.cli import PipelineError
+from recpipe.dataset import Part, load_data, sample_users, with_valid_in_train
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def ml100k_random(tmp_path_factory, request):
+    from recpipe import ids, matrix, split
+    from stage_fixtures import write_ml100k_stage10
+    d = tmp_path_factory.mktemp("memory_paths")
+    write_ml100k_stage10(d, request.getfixturevalue("shared_data"))
+    ids.main(["--data-dir", str(d)])
+    split.main(["--data-dir", str(d), "--seed", "1", "--strategy", "random"])
+    matrix.main(["--data-dir", str(d)])
+    return d
+
+
+def _reference_part(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The part as load_data built it before: the COO entries sorted by (user, item)."""
+    m = sp.load_npz(path).tocsr()
+    m.sum_duplicates()
+    coo = m.tocoo()
+    order = np.lexsort((coo.col, coo.row))
+    return (coo.row[order].astype(np.int64), coo.col[order].astype(np.int64),
+            coo.data.astype(np.float32)[order])
+
+
+@pytest.mark.parametrize("task", ["explicit", "implicit"])
+def test_the_parts_are_the_csr_entries_in_user_item_order(ml100k_random, task):
+    data = load_data(ml100k_random, task, CPU)
+    suffix = "" if task == "explicit" else "_implicit"
+    for name in ("train", "valid", "test"):
+        p = getattr(data, name)
+        u, i, r = _reference_part(ml100k_random / "40_make_sparse_matrix" / f"{name}{suffix}.npz")
+        assert p.users.dtype == p.items.dtype == torch.int64 and p.ratings.dtype == torch.float32
+        assert torch.equal(p.users, torch.from_numpy(u)), name
+        assert torch.equal(p.items, torch.from_numpy(i)), name
+        assert torch.equal(p.ratings, torch.from_numpy(r)), name
+
+
+def test_the_refit_part_is_a_view_of_train_and_valid(ml100k_random):
+    data = load_data(ml100k_random, "explicit", CPU)
+    t, v = data.train, data.valid
+    merged = with_valid_in_train(data, keys=False, csr=False).train
+    for got, a, b in ((merged.users, t.users, v.users), (merged.items, t.items, v.items),
+                      (merged.ratings, t.ratings, v.ratings)):
+        assert torch.equal(got, torch.cat([a, b]))
+        assert got.data_ptr() == a.data_ptr()                  # no copy
+    # parts that do not lie one after the other are copied, to the same values
+    apart = dataclasses.replace(data, train=Part(t.users.clone(), t.items.clone(),
+                                                 t.ratings.clone()))
+    copied = with_valid_in_train(apart, keys=False, csr=False).train
+    assert torch.equal(copied.users, merged.users) and torch.equal(copied.ratings,
+                                                                   merged.ratings)
+    assert copied.users.data_ptr() != t.users.data_ptr()
+
+
+def test_the_explicit_train_csr_is_read_on_first_use_and_once(ml100k_random, monkeypatch):
+    reads = []
+    real = dataset._load_npz
+    monkeypatch.setattr(dataset, "_load_npz", lambda p: reads.append(p.name) or real(p))
+    data = load_data(ml100k_random, "explicit", CPU)
+    assert sorted(reads) == ["test.npz", "train.npz", "valid.npz"]
+    sub, kept, total = sample_users(data, "valid", 50, seed=0)
+    assert kept < total and len(reads) == 3            # copying the data reads nothing
+    csr = sub.train_csr
+    assert reads[3:] == ["train_implicit.npz"]
+    assert data.train_csr is csr and len(reads) == 4   # the copies share the one read
+    want = sp.load_npz(ml100k_random / "40_make_sparse_matrix" / "train_implicit.npz")
+    assert (csr != want.tocsr()).nnz == 0 and csr.has_canonical_format
+    # the implicit task reads its train matrix for the parts and keeps it
+    reads.clear()
+    imp = load_data(ml100k_random, "implicit", CPU)
+    assert sorted(reads) == ["test_implicit.npz", "train_implicit.npz", "valid_implicit.npz"]
+    assert imp.train_csr.nnz == len(imp.train) and len(reads) == 3
+
+
+def test_a_train_csr_read_after_stage_40_was_rebuilt_is_refused(ml100k_random, monkeypatch):
+    data = load_data(ml100k_random, "explicit", CPU)
+    monkeypatch.setattr(dataset, "fingerprint", lambda path: "another build")
+    with pytest.raises(PipelineError, match="rebuilt while this run was using it; rerun"):
+        data.train_csr
+
+
+needs_numba = pytest.mark.skipif(not kernels.available(),
+                                 reason=kernels.missing_reason())
+
+
+def _kernel_data(n_users=300, n_items=200, n=20000, seed=0):
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, n_users, n).astype(np.int64)
+    items = rng.integers(0, n_items, n).astype(np.int64)
+    z = rng.normal(size=n).astype(np.float32)
+    tables = [np.full((rows, 4 + 3), 0.1, np.float32) for rows in (n_users, n_items)]
+    return users, items, z, tables
+
+
+@needs_numba
+def test_each_epoch_is_in_its_seeds_order_whatever_the_epochs_before():
+    users, items, z, tables = _kernel_data()
+    walked = kernels.Ratings(users, items, z)
+    for seed in (5, 9, 9, 3):
+        walked.epoch(seed, *[t.copy() for t in tables], 0.05, 0.05, 2)
+    fresh = kernels.Ratings(users, items, z)
+    U, V = (t.copy() for t in tables)
+    sq_fresh = fresh.epoch(3, U, V, 0.05, 0.05, 2)
+    for a in ("ou", "oi", "oz"):
+        assert np.array_equal(getattr(walked, a), getattr(fresh, a)), a
+    # and the epoch itself gives the same result from either
+    U2, V2 = (t.copy() for t in tables)
+    assert walked.epoch(3, U2, V2, 0.05, 0.05, 2) == sq_fresh
+    assert np.array_equal(U, U2) and np.array_equal(V, V2)
+
+
+@needs_numba
+def test_a_permutation_cut_short_is_not_trained_on(monkeypatch):
+    users, items, z, tables = _kernel_data(n=2000)
+    r = kernels.Ratings(users, items, z)
+    r.epoch(1, *tables, 0.05, 0.05, 1)
+    real = kernels._permute_blocks
+
+    def cut(*a):
+        real(*a)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(kernels, "_permute_blocks", cut)
+    with pytest.raises(KeyboardInterrupt):
+        r.epoch(2, *tables, 0.05, 0.05, 1)
+    monkeypatch.setattr(kernels, "_permute_blocks", real)
+    with pytest.raises(RuntimeError, match="interrupted while it reordered.*new Ratings"):
+        r.epoch(3, *tables, 0.05, 0.05, 1)
