@@ -1,7 +1,8 @@
 """Fused CPU kernels (numba) for the per-sample SGD solver of explicit biased MF
-(``--optimizer rowsgd``), and for the NCF towers' first layer in row-compact training
+(``--optimizer rowsgd``), for the NCF towers' first layer in row-compact training
 (``gather_add_relu``: ``relu(A[iu] + B[ii])`` and its gradient in one pass each, see
-``family.tower_input``).
+``family.tower_input``), and for item kNN's scoring (``knn_terms``: each pair's k nearest
+rated items by a bounded heap).
 
 One epoch is one SGD step per training rating, on the same objective as every other path
 (``BiasedMF``: per rating ``e^2 + reg (|p_u|^2 + |q_i|^2 + b_u^2 + b_i^2)`` in standardised
@@ -186,6 +187,67 @@ if numba is not None:
             for f in range(h):
                 gB[b, f] += m[f]
 
+    @njit(cache=_CACHE, inline="always")
+    def _below(hw, hp, a, b):
+        """Heap entry a ranks below b: a smaller weight, or the same weight at a later
+        position."""
+        return hw[a] < hw[b] or (hw[a] == hw[b] and hp[a] > hp[b])
+
+    @njit(cache=_CACHE, inline="always")
+    def _sift_down(hw, hz, hp, m):
+        i = 0
+        while True:
+            lo, c = i, 2 * i + 1
+            if c < m and _below(hw, hp, c, lo):
+                lo = c
+            if c + 1 < m and _below(hw, hp, c + 1, lo):
+                lo = c + 1
+            if lo == i:
+                return
+            hw[i], hw[lo] = hw[lo], hw[i]
+            hz[i], hz[lo] = hz[lo], hz[i]
+            hp[i], hp[lo] = hp[lo], hp[i]
+            i = lo
+
+    @njit(cache=_CACHE, parallel=True)
+    def _knn_terms(users, items, indptr, rated, resid, sim, k, out):
+        chunk = 256
+        for c in prange((users.shape[0] + chunk - 1) // chunk):
+            hw = np.empty(k, np.float64)
+            hz = np.empty(k, np.float64)
+            hp = np.empty(k, np.int64)
+            word = np.zeros(1, np.uint32)          # a bfloat16's bits, shifted: its float32
+            as_float = word.view(np.float32)
+            for p in range(c * chunk, min(users.shape[0], (c + 1) * chunk)):
+                u, row = users[p], sim[items[p]]
+                m = 0
+                for x in range(indptr[u], indptr[u + 1]):
+                    bits = row[rated[x]]
+                    if bits == 0:
+                        continue
+                    word[0] = np.uint32(bits) << 16
+                    w = np.float64(as_float[0])
+                    if m < k:                         # fill: push, sift up
+                        i = m
+                        hw[i], hz[i], hp[i] = w, resid[x], x
+                        m += 1
+                        while i > 0 and _below(hw, hp, i, (i - 1) // 2):
+                            q = (i - 1) // 2
+                            hw[i], hw[q] = hw[q], hw[i]
+                            hz[i], hz[q] = hz[q], hz[i]
+                            hp[i], hp[q] = hp[q], hp[i]
+                            i = q
+                    elif w > hw[0]:       # an equal weight comes later: it never displaces
+                        hw[0], hz[0], hp[0] = w, resid[x], x
+                        _sift_down(hw, hz, hp, m)
+                num = 0.0
+                den = 0.0
+                for i in range(m):
+                    num += hw[i] * hz[i]
+                    den += hw[i]
+                out[p] = num / den if den > 0 else 0.0
+
+
 
 def gather_add_relu(A: np.ndarray, iu: np.ndarray, B: np.ndarray, ii: np.ndarray,
                     H: np.ndarray) -> None:
@@ -204,6 +266,20 @@ def gather_add_relu_backward(G: np.ndarray, H: np.ndarray, iu: np.ndarray, ii: n
     masked copy and the index expansion of torch's index_add; each row's sum runs in sample
     order."""
     _gather_add_relu_backward(G, H, iu, ii, gA, gB)
+
+
+def knn_terms(users: np.ndarray, items: np.ndarray, indptr: np.ndarray, rated: np.ndarray,
+              resid: np.ndarray, sim_bits: np.ndarray, k: int, threads: int) -> np.ndarray:
+    """``knn.ItemKNN``'s neighbour term of each pair (users[p], items[p]), float32: over the
+    items j that the user rated (``rated[indptr[u]:indptr[u + 1]]``, residuals ``resid``),
+    the k largest positive similarities ``sim_bits[items[p], j]`` (bfloat16 bits as uint16),
+    of equal ones the earlier j, averaged as sum(s z) / sum(s); 0 without a positive one.
+    A bounded heap per pair, one pass over the user's ratings, no [pairs, history] blocks;
+    pairs split over ``threads`` threads (each pair's result is independent of them)."""
+    numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
+    out = np.empty(users.shape[0], np.float32)
+    _knn_terms(users, items, indptr, rated, resid, sim_bits, max(1, int(k)), out)
+    return out
 
 
 def pack(factors: np.ndarray, bias: np.ndarray, g_factors: np.ndarray,

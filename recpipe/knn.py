@@ -29,9 +29,11 @@ matrix (3 significant digits and float32's range, since a large lambda makes eve
 small; Netflix's 17,770 items: 0.63 GB, ml-latest-small's 9,724: 0.19 GB; the fit also
 holds two float32 matrices of that shape) and the residuals of the ratings it was fitted
 on, a CSR by user (12 bytes a rating); the fit refuses with one line when that does not fit
-in memory. Scoring gathers, for each pair asked, the entries of S between its item and the
-items its user rated (blocks of pairs, ``_neighbour_terms``), and the k largest along them
-(ties to the lower item id): the cost is the sum over the pairs of their user's ratings.
+in memory. Scoring reads, for each pair asked, the entries of S between its item and the
+items its user rated, and keeps the k largest (ties to the lower item id; on the CPU a
+compiled pass with a bounded heap per pair, ``kernels.knn_terms``; elsewhere vectorised
+blocks of pairs, ``_neighbour_terms``): the cost is the sum over the pairs of their user's
+ratings.
 A new user (stage 70 ``--ratings``) needs no training: their bias is the regularised mean of
 their residuals against the item biases, and their ratings become their neighbours.
 """
@@ -175,12 +177,19 @@ class ItemKNN(Family):
     # -- scoring -------------------------------------------------------------------------
     def _neighbour_terms(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """The neighbour term of each pair (users[p], items[p]), 1-d: 0 without a positive
-        neighbour. The pairs go in blocks of similar history length (sorted by the user's
-        ratings, longest first); a block gathers, for each pair, s(item, j) and z_uj over
-        the j its user rated, padded with zeros to the block's longest history (a zero
-        weight adds nothing to either sum), and keeps the k largest weights per row, of
-        equal weights the lower item ids (bfloat16 similarities tie often; a top-k leaves
-        the choice to its implementation, and it changed with the row's length)."""
+        neighbour. Of equal weights (bfloat16 similarities tie often) the lower item ids are
+        kept (a user's rated items are in id order). On the CPU one compiled pass per pair
+        (``kernels.knn_terms``); elsewhere blocks of pairs of similar history length (sorted
+        by the user's ratings, longest first): a block gathers, for each pair, s(item, j)
+        and z_uj over the j its user rated, padded with zeros to the block's longest history
+        (a zero weight adds nothing to either sum), and keeps the k largest weights per row
+        by a top-k on (weight bits, -position), which has no ties."""
+        from . import kernels              # numba: imported by the runs that score
+        if users.device.type == "cpu" and kernels.available():
+            return torch.from_numpy(kernels.knn_terms(
+                users.numpy(), items.numpy(), self.indptr.numpy(), self.rated.numpy(),
+                self.resid.numpy(), self.sim.view(torch.int16).numpy().view(np.uint16),
+                self.k, torch.get_num_threads()))
         start = self.indptr[users]
         length = self.indptr[users + 1] - start
         out = torch.zeros(users.shape[0], device=users.device)
@@ -188,20 +197,23 @@ class ItemKNN(Family):
         order = order[length[order] > 0]
         lengths = length[order].tolist()
         last = max(0, self.rated.shape[0] - 1)
+        bits_of = self.sim.view(-1).view(torch.int16)       # w >= 0: the sign bit is 0
         s = 0
         while s < len(lengths):
             e = min(len(lengths), s + max(1, _BLOCK_FLOATS // lengths[s]))
             sel = order[s:e]
             n = lengths[s]
-            pos = start[sel, None] + torch.arange(n, device=users.device)
+            at = torch.arange(n, device=users.device)
+            pos = start[sel, None] + at
             valid = pos < (start[sel] + length[sel])[:, None]
             pos.clamp_(max=last)
-            w = self.sim[items[sel, None], self.rated[pos].long()].float().mul_(valid)
+            cell = items[sel, None] * self.n_items + self.rated[pos]
+            bits = bits_of[cell.view(-1)].view(cell.shape).to(torch.int64).mul_(valid)
             z = self.resid[pos].mul_(valid)
-            if self.k < n:         # ties go to the lower item id (a user's are in id order)
-                w, idx = torch.sort(w, dim=1, descending=True, stable=True)
-                w, idx = w[:, :self.k], idx[:, :self.k]
-                z = z.gather(1, idx)
+            if self.k < n:
+                idx = torch.topk((bits << 32) - at, self.k, dim=1).indices
+                bits, z = bits.gather(1, idx), z.gather(1, idx)
+            w = (bits.to(torch.int32) << 16).view(torch.float32)    # bfloat16 -> float32
             den = w.sum(1)
             out[sel] = torch.where(den > 0, (w * z).sum(1) / den.clamp_min(1e-12),
                                    torch.zeros_like(den))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import models  # noqa: F401 - registers the families
-from recpipe import knn, recommend
+from recpipe import kernels, knn, recommend
 from recpipe.checkpoint import load_model
 from recpipe.cli import parse_config
 from recpipe.dataset import Part, load_data
@@ -78,12 +78,19 @@ def _reference(part, n_users, n_items, k, lam, mu, sims=None):
     return s, pred
 
 
-@pytest.mark.parametrize("k, lam, block", [(3, 10.0, None), (100, 0.0, None), (3, 10.0, 20)])
-def test_similarities_and_predictions_match_plain_loops(k, lam, block, monkeypatch):
-    """``block``: the scoring's block size in floats, so small that a block holds one or two
-    pairs and the pairs of one user are split across blocks."""
-    if block:
-        monkeypatch.setattr(knn, "_BLOCK_FLOATS", block)
+@pytest.mark.parametrize("k, lam, path", [(3, 10.0, "kernel"), (100, 0.0, "kernel"),
+                                          (3, 10.0, "blocks"), (100, 0.0, "blocks"),
+                                          (3, 10.0, "small blocks")])
+def test_similarities_and_predictions_match_plain_loops(k, lam, path, monkeypatch):
+    """``path``: the CPU's compiled pass (``kernels.knn_terms``) or the vectorised blocks of
+    other devices, also with blocks so small that one holds one or two pairs and the pairs
+    of one user are split across blocks."""
+    if path == "kernel" and not kernels.available():
+        pytest.skip("numba is not installed")
+    if path != "kernel":
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    if path == "small blocks":
+        monkeypatch.setattr(knn, "_BLOCK_FLOATS", 20)
     part, nu, ni = _table()
     m, mu = _fitted(part, nu, ni, k, lam)
     s, _ = _reference(part, nu, ni, k, lam, mu)
@@ -101,6 +108,11 @@ def test_similarities_and_predictions_match_plain_loops(k, lam, block, monkeypat
     # scoring every item of a block of users is the pairwise scoring
     torch.testing.assert_close(m.score_all(torch.arange(nu)),
                                m(users, items).view(nu, ni))
+    if k < ni:         # similarities cut to three levels: ties at the k-th neighbour abound
+        m.sim.copy_((m.sim.float() * 6).round().clamp_(0, 2) / 8)
+        _, pred = _reference(part, nu, ni, k, lam, mu, m.sim.double().numpy())
+        got = m(users, items).double().numpy().reshape(nu, ni)
+        np.testing.assert_allclose(got, pred, atol=2e-5, rtol=0)
 
 
 def test_fold_in_of_a_known_users_own_ratings_reproduces_that_user():
