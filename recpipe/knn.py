@@ -58,10 +58,15 @@ def correlations(z: sp.csr_matrix) -> tuple[torch.Tensor, torch.Tensor]:
     ``z`` and their co-rater counts, dense [n_items, n_items] float32, a block of columns at a
     time (module docstring); the diagonal and pairs with fewer than two co-raters are 0."""
     n_items = z.shape[1]
-    ones = z.copy()
-    ones.data[:] = 1.0
-    sq = z.multiply(z).tocsr()
-    zt, ot, st = z.T.tocsr(), ones.T.tocsr(), sq.T.tocsr()
+    zt = z.T.tocsr()
+    # the ones and the squares share the index arrays of z and of its transpose, and one
+    # array of ones serves both sides (the same products as separate copies: 24 bytes a
+    # rating less, 1.9 GB at 81M train ratings)
+    one = np.ones(z.nnz, dtype=z.dtype)
+    ones = sp.csr_matrix((one, z.indices, z.indptr), shape=z.shape)
+    sq = sp.csr_matrix((np.square(z.data), z.indices, z.indptr), shape=z.shape)
+    ot = sp.csr_matrix((one, zt.indices, zt.indptr), shape=zt.shape)
+    st = sp.csr_matrix((np.square(zt.data), zt.indices, zt.indptr), shape=zt.shape)
     rho = torch.empty((n_items, n_items), dtype=torch.float32)
     cnt = torch.empty((n_items, n_items), dtype=torch.float32)
     step = max(1, _BLOCK_FLOATS // max(1, n_items))
@@ -122,13 +127,22 @@ class ItemKNN(Family):
         return {"dim": int(hp.get("dim") or 40), "global_mean": global_mean, "scale": scale}
 
     # -- fitting -------------------------------------------------------------------------
-    def _store_residuals(self, users: np.ndarray, items: np.ndarray, z: np.ndarray) -> None:
+    def _store_residuals(self, users: np.ndarray, items: np.ndarray, z: np.ndarray
+                         ) -> sp.csr_matrix:
+        """Keeps the residuals ``z`` of the pairs (users, items) as the model's CSR by user
+        (float32) and returns them as a scipy CSR of ``z``'s dtype with the same index
+        arrays (no COO copy of the ratings)."""
         dev = self.sim.device
         order = np.lexsort((items, users))
         counts = np.bincount(users, minlength=self.n_users)
-        self.indptr = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)])).to(dev)
-        self.rated = torch.from_numpy(items[order].astype(np.int32)).to(dev)
-        self.resid = torch.from_numpy(z[order].astype(np.float32)).to(dev)
+        indptr = np.concatenate([[0], np.cumsum(counts)])
+        rated = items[order].astype(np.int32 if len(order) < 2**31 else np.int64)
+        zs = z[order]
+        self.indptr = torch.from_numpy(indptr).to(dev)
+        self.rated = torch.from_numpy(rated).to(dev)
+        self.resid = torch.from_numpy(zs.astype(np.float32)).to(dev)
+        return sp.csr_matrix((zs, rated, indptr.astype(rated.dtype)),
+                             shape=(len(counts), self.n_items))
 
     def _residuals(self, train) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         u = train.users.cpu().numpy()
@@ -145,9 +159,7 @@ class ItemKNN(Family):
         baseline is the one ``learn_fallback`` stored from the same ratings."""
         # the correlations and counts (float32) beside the bfloat16 similarities
         check_memory(self.n_items, torch.device("cpu"), matrices=2.5, held=0.5, who="knn")
-        u, i, z = self._residuals(train)
-        self._store_residuals(u, i, z)
-        rho, cnt = correlations(sp.csr_matrix((z, (u, i)), shape=(self.n_users, self.n_items)))
+        rho, cnt = correlations(self._store_residuals(*self._residuals(train)))
         cnt.sub_(1.0).clamp_(min=0.0)
 
         @torch.no_grad()
