@@ -179,15 +179,14 @@ def _parts(m: dict[str, sp.csr_matrix], names: tuple[str, ...], d: Path, suffix:
     return parts
 
 
-def _train_binary(path: Path, source: Path, upstream: str) -> sp.csr_matrix:
+def _train_binary(source: Path, name: str, shape: tuple[int, int], upstream: str
+                  ) -> sp.csr_matrix:
     """The binary train view, read when first used; stage 40 must still be the build the
     parts were read from."""
     if fingerprint(source / MANIFEST) != upstream:
         raise PipelineError(f"{source} was rebuilt while this run was using it; rerun the "
                             f"command once stage 40 has finished")
-    m = _load_npz(path).tocsr()
-    m.sum_duplicates()
-    return m
+    return _read_part(source, name, shape)
 
 
 def load_data(data_dir: str | Path, task: str, device: torch.device,
@@ -212,9 +211,9 @@ def load_data(data_dir: str | Path, task: str, device: torch.device,
     fp = fingerprint(d / MANIFEST)
     # the binary train view for exclusion and negatives (the implicit file holds unrated too):
     # the implicit task's is the train matrix itself; the explicit task's is read on first use
-    bin_path = d / "train_implicit.npz"
+    bin_name = "train_implicit" if (d / "train_implicit.npz").exists() else "train"
     train_bin: Any = mats["train"] if not explicit else _OnFirstUse(
-        lambda: _train_binary(bin_path if bin_path.exists() else d / "train.npz", d, fp))
+        lambda: _train_binary(d, bin_name, shape, fp))
     parts = _parts(mats, ("train", "valid"), d, suffix, explicit, device)
     mats["test"] = _read_part(d, "test" + suffix, shape)
     parts.update(_parts(mats, ("test",), d, suffix, explicit, device))

@@ -109,6 +109,7 @@ if numba is not None:
 
     @njit(cache=_CACHE, inline="always")
     def _swap(a, b, cu, ci, cz):
+        """Entries a and b exchanged in each of three parallel arrays."""
         cu[a], cu[b] = cu[b], cu[a]
         ci[a], ci[b] = ci[b], ci[a]
         cz[a], cz[b] = cz[b], cz[a]
@@ -194,6 +195,12 @@ if numba is not None:
         return hw[a] < hw[b] or (hw[a] == hw[b] and hp[a] > hp[b])
 
     @njit(cache=_CACHE, inline="always")
+    def _sift_up(hw, hz, hp, i):
+        while i > 0 and _below(hw, hp, i, (i - 1) // 2):
+            _swap(i, (i - 1) // 2, hw, hz, hp)
+            i = (i - 1) // 2
+
+    @njit(cache=_CACHE, inline="always")
     def _sift_down(hw, hz, hp, m):
         i = 0
         while True:
@@ -204,9 +211,7 @@ if numba is not None:
                 lo = c + 1
             if lo == i:
                 return
-            hw[i], hw[lo] = hw[lo], hw[i]
-            hz[i], hz[lo] = hz[lo], hz[i]
-            hp[i], hp[lo] = hp[lo], hp[i]
+            _swap(i, lo, hw, hz, hp)
             i = lo
 
     @njit(cache=_CACHE, parallel=True)
@@ -228,15 +233,9 @@ if numba is not None:
                     word[0] = np.uint32(bits) << 16
                     w = np.float64(as_float[0])
                     if m < k:                         # fill: push, sift up
-                        i = m
-                        hw[i], hz[i], hp[i] = w, resid[x], x
+                        hw[m], hz[m], hp[m] = w, resid[x], x
+                        _sift_up(hw, hz, hp, m)
                         m += 1
-                        while i > 0 and _below(hw, hp, i, (i - 1) // 2):
-                            q = (i - 1) // 2
-                            hw[i], hw[q] = hw[q], hw[i]
-                            hz[i], hz[q] = hz[q], hz[i]
-                            hp[i], hp[q] = hp[q], hp[i]
-                            i = q
                     elif w > hw[0]:       # an equal weight comes later: it never displaces
                         hw[0], hz[0], hp[0] = w, resid[x], x
                         _sift_down(hw, hz, hp, m)

@@ -15,20 +15,14 @@ import torch
 from recpipe import dataset, kernels
 from recpipe.cli import PipelineError
 from recpipe.dataset import Part, load_data, sample_users, with_valid_in_train
+from stage_fixtures import ml100k_stage40
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def ml100k_random(tmp_path_factory, request):
-    from recpipe import ids, matrix, split
-    from stage_fixtures import write_ml100k_stage10
-    d = tmp_path_factory.mktemp("memory_paths")
-    write_ml100k_stage10(d, request.getfixturevalue("shared_data"))
-    ids.main(["--data-dir", str(d)])
-    split.main(["--data-dir", str(d), "--seed", "1", "--strategy", "random"])
-    matrix.main(["--data-dir", str(d)])
-    return d
+def ml100k_random(tmp_path_factory):
+    return ml100k_stage40(tmp_path_factory, "memory_paths", "--seed", "1", "--strategy", "random")
 
 
 def _reference_part(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -10,20 +10,14 @@ from recpipe import kernels
 from recpipe.cli import PipelineError
 from recpipe.train import TrainConfig, run
 from recpipe.train_config import rowsgd_eligible
+from stage_fixtures import ml100k_stage40
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=kernels.missing_reason())
 
 
 @pytest.fixture(scope="module")
-def ml100k_random_dir(tmp_path_factory, request):
-    from recpipe import ids, matrix, split
-    from stage_fixtures import write_ml100k_stage10
-    d = tmp_path_factory.mktemp("rowsgd")
-    write_ml100k_stage10(d, request.getfixturevalue("shared_data"))
-    ids.main(["--data-dir", str(d)])
-    split.main(["--data-dir", str(d), "--seed", "1", "--strategy", "random"])
-    matrix.main(["--data-dir", str(d)])
-    return d
+def ml100k_random_dir(tmp_path_factory):
+    return ml100k_stage40(tmp_path_factory, "rowsgd", "--seed", "1", "--strategy", "random")
 
 
 def _toy(n_users=45, n_items=23, n=600, k=5, seed=0):
