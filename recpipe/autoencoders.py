@@ -55,7 +55,7 @@ class DeviceCSR:
 
     def __init__(self, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor,
                  n_rows: int, n_cols: int):
-        order = torch.argsort(rows * n_cols + cols)
+        order = torch.argsort(rows.long() * n_cols + cols)    # int64 keys (int32 parts)
         self.cols = cols[order]
         self.vals = vals[order].float()
         counts = torch.bincount(rows, minlength=n_rows)

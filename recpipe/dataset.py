@@ -1,7 +1,7 @@
 """Stage 40's artifact as device-resident tensors, and vectorised negative sampling.
 
 Everything the training loop touches lives on the chosen device: (user, item, rating)
-triples as int64/float32 tensors, the sorted train keys for membership tests, and the
+triples as int32 (``id_dtype``) / float32 tensors, the sorted train keys for membership tests, and the
 evaluation candidates. Batches are slices of a ``torch.randperm``; negatives are drawn for a
 whole epoch at once and redrawn every epoch. No per-sample Python, no DataLoader.
 """
@@ -134,7 +134,7 @@ def _read_part(d: Path, name: str, shape: tuple[int, int]) -> sp.csr_matrix:
 
 def _fill(m: sp.csr_matrix, path: Path, explicit: bool, users: np.ndarray, items: np.ndarray,
           ratings: np.ndarray) -> None:
-    """Write the entries of the canonical CSR ``m`` into ``users`` / ``items`` (int64) and
+    """Write the entries of the canonical CSR ``m`` into ``users`` / ``items`` (``id_dtype``) and
     ``ratings`` (float32), each of ``m.nnz``, in (user, item) order: the CSR's own order, so
     no sort and no temporary copy of the part."""
     vals = m.data.astype(np.float32, copy=False)
@@ -157,13 +157,26 @@ def _fill(m: sp.csr_matrix, path: Path, explicit: bool, users: np.ndarray, items
     ratings[:] = vals
 
 
+def id_dtype(n_users: int, n_items: int) -> torch.dtype:
+    """The parts' user and item ids: int32 while both counts fit (8 bytes a rating less at
+    100M ratings than int64). Arithmetic that can leave int32 (the keys user * n_items +
+    item) widens first: ``pair_keys``."""
+    return torch.int32 if max(n_users, n_items) < 2**31 else torch.int64
+
+
+def pair_keys(users: torch.Tensor, items: torch.Tensor, n_items: int) -> torch.Tensor:
+    """user * n_items + item as int64, whatever the ids' dtype (int32 ids would overflow)."""
+    return users.long() * int(n_items) + items.long()
+
+
 def _parts(m: dict[str, sp.csr_matrix], names: tuple[str, ...], d: Path, suffix: str,
            explicit: bool, device: torch.device) -> dict[str, Part]:
     """The parts ``names`` as consecutive slices of one set of tensors (``with_valid_in_train``
     joins train and valid without a copy); each CSR is dropped from ``m`` once copied."""
     sizes = [m[name].nnz for name in names]
-    users = torch.empty(sum(sizes), dtype=torch.int64)
-    items = torch.empty(sum(sizes), dtype=torch.int64)
+    ids = id_dtype(*m[names[0]].shape)
+    users = torch.empty(sum(sizes), dtype=ids)
+    items = torch.empty(sum(sizes), dtype=ids)
     ratings = torch.empty(sum(sizes), dtype=torch.float32)
     at = 0
     for name, n in zip(names, sizes):
@@ -405,7 +418,7 @@ def sample_negatives(users: torch.Tensor, n_items: int, n_neg: int,
     member = train_keys.contains if isinstance(train_keys, KeySet) else (
         lambda q: is_member(train_keys, q))
     neg = torch.randint(0, n_items, (users.shape[0], n_neg), device=dev, generator=generator)
-    u = users.unsqueeze(1)
+    u = users.long().unsqueeze(1)       # int64 keys whatever the ids' dtype
     for _ in range(max_rounds):
         bad = member(u * n_items + neg)
         nbad = int(bad.sum())
@@ -437,7 +450,7 @@ def with_valid_in_train(data: Data, keys: bool = True, csr: bool = True) -> Data
                  ratings=_joined(t.ratings, v.ratings))
     merged_keys = merged_csr = None
     if keys:
-        vk = v.users * data.n_items + v.items
+        vk = pair_keys(v.users, v.items, data.n_items)
         merged_keys = torch.unique(torch.cat([data.keys(), vk]))              # sorted
     if csr:
         vcsr = sp.csr_matrix((np.ones(len(v), dtype=np.float32),

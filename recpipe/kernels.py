@@ -354,9 +354,10 @@ class Ratings:
 def warm_up() -> None:
     """Load (or compile, the first time after an install) the kernels on a toy problem, so
     that a benchmark can keep this one-time cost out of its timing."""
-    users = np.arange(BLOCKS, dtype=np.int64)
-    z = np.zeros(BLOCKS, np.float32)
-    tables = [np.full((BLOCKS, 4), 0.1, np.float32) for _ in range(2)]
-    ratings = Ratings(users, users.copy(), z)
-    for seed in (0, 1):      # the second epoch also undoes the first one's order
-        ratings.epoch(seed, *tables, 0.1, 0.1, 1)
+    for ids in (np.int32, np.int64):     # stage 60's parts hold int32 ids; others int64
+        users = np.arange(BLOCKS, dtype=ids)
+        z = np.zeros(BLOCKS, np.float32)
+        tables = [np.full((BLOCKS, 4), 0.1, np.float32) for _ in range(2)]
+        ratings = Ratings(users, users.copy(), z)
+        for seed in (0, 1):      # the second epoch also undoes the first one's order
+            ratings.epoch(seed, *tables, 0.1, 0.1, 1)

@@ -108,8 +108,8 @@ def predict_pairs(model: nn.Module, users: torch.Tensor, items: torch.Tensor,
             sel = (inv >= s) & (inv < s + step)
             out[sel] = scores[inv[sel] - s, items[sel]]
         return with_fallback(model, users, items, out)
-    outs = [model.score_pairs(users[s:s + block], items[s:s + block]).float()
-            for s in range(0, users.shape[0], block)]
+    outs = [model.score_pairs(users[s:s + block].long(), items[s:s + block].long()).float()
+            for s in range(0, users.shape[0], block)]          # int64 per block (int32 parts)
     return with_fallback(model, users, items, torch.cat(outs))
 
 

@@ -308,8 +308,10 @@ class Trainer:
         neg_gen = self._rank_draws() if dist.world > 1 else self.gen
         for s in bar:
             idx, share = self._my_chunk(perm[s:s + pos_per_batch])
-            u = tr.users.index_select(0, idx)      # index_select: ~8x faster than users[idx]
-            i = tr.items.index_select(0, idx)
+            # index_select: ~8x faster than users[idx]; the batch's ids widened to int64 (the
+            # parts hold int32, dataset.id_dtype), as the models and the keys expect
+            u = tr.users.index_select(0, idx).long()
+            i = tr.items.index_select(0, idx).long()
             r = tr.ratings.index_select(0, idx)
             if manual:
                 loss, updates = model.analytic_grad(u, i, r, cfg.reg, scratch, rows_path)

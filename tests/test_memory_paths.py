@@ -2,7 +2,8 @@
 filled from stage 40's CSRs in place, the refit's train + valid part is a view of the two,
 the explicit task's binary train CSR is read on first use (once for every copy of the data),
 and the rowsgd kernel permutes its one copy of the ratings in place, each epoch in its seed's
-order whatever the epochs before."""
+order whatever the epochs before. The parts' ids are int32; the keys user * n_items + item
+that outgrow int32 (a 480k x 17,770 table has 8.5e9 of them) are formed in int64."""
 from __future__ import annotations
 
 import dataclasses
@@ -42,9 +43,10 @@ def test_the_parts_are_the_csr_entries_in_user_item_order(ml100k_random, task):
     for name in ("train", "valid", "test"):
         p = getattr(data, name)
         u, i, r = _reference_part(ml100k_random / "40_make_sparse_matrix" / f"{name}{suffix}.npz")
-        assert p.users.dtype == p.items.dtype == torch.int64 and p.ratings.dtype == torch.float32
-        assert torch.equal(p.users, torch.from_numpy(u)), name
-        assert torch.equal(p.items, torch.from_numpy(i)), name
+        # int32 ids (dataset.id_dtype): 8 bytes a rating less than int64
+        assert p.users.dtype == p.items.dtype == torch.int32 and p.ratings.dtype == torch.float32
+        assert torch.equal(p.users.long(), torch.from_numpy(u)), name
+        assert torch.equal(p.items.long(), torch.from_numpy(i)), name
         assert torch.equal(p.ratings, torch.from_numpy(r)), name
 
 
@@ -138,3 +140,67 @@ def test_a_permutation_cut_short_is_not_trained_on(monkeypatch):
     monkeypatch.setattr(kernels, "_permute_blocks", real)
     with pytest.raises(RuntimeError, match="interrupted while it reordered.*new Ratings"):
         r.epoch(3, *tables, 0.05, 0.05, 1)
+
+
+# 70,000 users x 40,000 items: 2.8e9 keys, past int32, in a table of a few hundred ratings
+BIG_USERS, BIG_ITEMS = 70_000, 40_000
+
+
+def test_the_keys_of_int32_ids_do_not_overflow():
+    u = torch.tensor([BIG_USERS - 1, 1], dtype=torch.int32)
+    i = torch.tensor([BIG_ITEMS - 1, 2], dtype=torch.int32)
+    keys = dataset.pair_keys(u, i, BIG_ITEMS)
+    assert keys.dtype == torch.int64
+    assert keys.tolist() == [(BIG_USERS - 1) * BIG_ITEMS + BIG_ITEMS - 1, BIG_ITEMS + 2]
+    assert dataset.id_dtype(BIG_USERS, BIG_ITEMS) == torch.int32
+    assert dataset.id_dtype(2**31, 10) == torch.int64
+
+
+def test_negatives_of_a_high_user_id_avoid_its_positives():
+    """The last user rated every even item; with its keys formed in int32 (wrapped) the
+    membership test would miss them and hand back even items as negatives."""
+    user = BIG_USERS - 1
+    even = torch.arange(0, BIG_ITEMS, 2)
+    keys = torch.sort(user * BIG_ITEMS + even).values
+    users = torch.full((256,), user, dtype=torch.int32)
+    gen = torch.Generator().manual_seed(0)
+    neg = dataset.sample_negatives(users, BIG_ITEMS, 8, keys, gen)
+    assert neg.shape == (256, 8)
+    assert bool((neg % 2 == 1).all()), "a train positive was drawn as a negative"
+
+
+def test_the_refit_keys_of_int32_ids_are_int64():
+    data = _tiny_big_data()
+    merged = with_valid_in_train(data, keys=True, csr=False)
+    t, v = data.train, data.valid
+    want = np.unique(np.concatenate([t.users.numpy().astype(np.int64) * BIG_ITEMS + t.items.numpy(),
+                                     v.users.numpy().astype(np.int64) * BIG_ITEMS + v.items.numpy()]))
+    assert merged.train_keys.dtype == torch.int64
+    assert np.array_equal(merged.train_keys.numpy(), want)
+
+
+def test_a_device_csr_of_int32_rows_past_int32_keys():
+    from recpipe.autoencoders import DeviceCSR
+    rows = torch.tensor([BIG_USERS - 1, 1, BIG_USERS - 1], dtype=torch.int32)
+    cols = torch.tensor([BIG_ITEMS - 1, 3, 0], dtype=torch.int32)
+    m = DeviceCSR(rows, cols, torch.tensor([1.0, 2.0, 3.0]), BIG_USERS, BIG_ITEMS)
+    dense, seen = m.rows(torch.tensor([BIG_USERS - 1, 1]))
+    assert dense[0, BIG_ITEMS - 1] == 1.0 and dense[0, 0] == 3.0 and dense[1, 3] == 2.0
+    assert int(seen.sum()) == 3
+
+
+def _tiny_big_data() -> dataset.Data:
+    """A Data of a few ratings on a 70,000 x 40,000 table, the parts as load_data builds them
+    (int32 ids), train keys built from its CSR."""
+    rng = np.random.default_rng(0)
+    def part(n):
+        u = np.sort(rng.choice(BIG_USERS, n, replace=False)).astype(np.int32)
+        return Part(users=torch.from_numpy(u), items=torch.from_numpy(
+            rng.integers(0, BIG_ITEMS, n).astype(np.int32)), ratings=torch.ones(n))
+    train, valid = part(200), part(50)
+    csr = sp.csr_matrix((np.ones(200, np.float32), (train.users.numpy(), train.items.numpy())),
+                        shape=(BIG_USERS, BIG_ITEMS))
+    return dataset.Data(manifest={}, n_users=BIG_USERS, n_items=BIG_ITEMS,
+                        rating_scale=(1.0, 1.0), global_mean=0.0, rating_std=1.0,
+                        task="implicit", train=train, valid=valid, test=part(10),
+                        train_keys=None, candidates={}, device=CPU, train_csr=csr)
