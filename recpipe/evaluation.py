@@ -14,7 +14,11 @@ by the model's baseline (global mean + the known side's bias, ``scoring.with_fal
 counted, ``fallback_n``. ``full=True`` (stage 60's final evaluation of valid and test) also
 reports each metric's count and 95% interval, ``<metric>_n`` and ``<metric>_ci`` = [lo, hi]
 (``metrics.py`` says how), beside the metric, which stays a plain number; the per-epoch
-validation (``full=False``) returns the metrics only.
+validation (``full=False``) returns the metrics only. On a split with sampled candidates
+(loo, ncf) the full ranking is an extra beside them and the costliest part of the
+evaluation (every item for every user: about an hour for NeuMF's 480k Netflix users on two
+cores), so it is computed on a fixed, seeded sample of ``--full-rank-users`` users (50,000)
+when the part has more; the log says so and each such metric's ``_n`` is the sample's.
 
 Under torchrun (``distributed.py``) every rank scores its shard of the pairs, candidate rows
 or users, and the scores (or the full-ranking sums) are combined over the ranks: every rank
@@ -22,18 +26,21 @@ gets the metrics one process scoring the same model gets.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import nn
 
-from .dataset import Data, weighted_history
+from .dataset import Data, sample_users, weighted_history
 from .distributed import current
 from .metrics import (finish_full, full_rank_metrics, rating_intervals, rmse_mae,
                       sampled_rank_metrics)
 from .scoring import (_wants_rows, fallback_mask, predict_pairs, score_blocks,
                       score_candidates)
 
+log = logging.getLogger("recpipe")
 
 def selection_metric(task: str, data: Data) -> tuple[str, bool]:
     """(metric key, higher is better) used for early stopping and model selection."""
@@ -141,8 +148,8 @@ def _candidates(model: nn.Module, data: Data, part: str, intervals: bool = False
     return sampled_rank_metrics(scores, ci, intervals=intervals)
 
 
-def _rating_metrics(model: nn.Module, data: Data, part: str, eval_batch: int, full: bool
-                    ) -> dict[str, float]:
+def _rating_metrics(model: nn.Module, data: Data, part: str, eval_batch: int, full: bool,
+                    full_rank_users: int = 0, seed: int = 0) -> dict[str, float]:
     """explicit: RMSE/MAE of every pair, then the candidates ranked by predicted rating."""
     p = getattr(data, part)
     out = {}
@@ -160,12 +167,22 @@ def _rating_metrics(model: nn.Module, data: Data, part: str, eval_batch: int, fu
     return out
 
 
-def _ranking_metrics(model: nn.Module, data: Data, part: str, eval_batch: int, full: bool
-                     ) -> dict[str, float]:
-    """implicit: the sampled candidates, and full ranking when asked or when there are none."""
+def _ranking_metrics(model: nn.Module, data: Data, part: str, eval_batch: int, full: bool,
+                     full_rank_users: int = 0, seed: int = 0) -> dict[str, float]:
+    """implicit: the sampled candidates, and full ranking when asked or when there are none.
+    Beside sampled candidates, the full ranking is an extra, on a fixed sample of
+    ``full_rank_users`` users (0: all) drawn with ``seed`` when the part has more."""
     out = _candidates(model, data, part, intervals=full)
     if full or part not in data.candidates:
-        out.update(full_ranking(model, data, part, eval_batch, intervals=full))
+        ranked = data
+        if part in data.candidates:
+            ranked, kept, total = sample_users(data, part, full_rank_users, seed)
+            if kept < total:
+                log.info("%s: full-ranking metrics on a fixed sample of %d of its %d users "
+                         "(--full-rank-users, seed %d; the sampled-candidate metrics use "
+                         "all of them); their _n and _ci in metrics.json are the sample's",
+                         part, kept, total, seed)
+        out.update(full_ranking(model, ranked, part, eval_batch, intervals=full))
     if full:
         out["fallback_n"] = fallback_count(model, data, part)
     return out
@@ -176,10 +193,12 @@ _METRICS = {"explicit": _rating_metrics, "implicit": _ranking_metrics}
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, data: Data, part: str, task: str, eval_batch: int = 0,
-             full: bool = True) -> dict[str, float]:
-    """Metrics of ``model`` on ``part`` ("valid" or "test"), see the module docstring."""
+             full: bool = True, full_rank_users: int = 0, seed: int = 0) -> dict[str, float]:
+    """Metrics of ``model`` on ``part`` ("valid" or "test"), see the module docstring;
+    ``full_rank_users``, ``seed``: the sample the full-ranking extras of a split with
+    sampled candidates are computed on (0: every user)."""
     model.eval()
-    return _METRICS[task](model, data, part, eval_batch, full)
+    return _METRICS[task](model, data, part, eval_batch, full, full_rank_users, seed)
 
 
 def metric_line(d: dict) -> str:

@@ -69,7 +69,7 @@ DESCRIPTION = ("Train a recommendation model on stage 40's sparse matrices. Opti
 
 # configuration keys a resumed run may change: they do not alter what was trained so far
 _RESUME_FREE = {"epochs", "resume", "device", "threads", "eval_batch", "max_seconds", "refit",
-                "patience", "data_dir", "test_users", "dist_backend", "dist_timeout",
+                "patience", "data_dir", "test_users", "full_rank_users", "dist_backend", "dist_timeout",
                 "tune_seconds"}
 
 
@@ -847,9 +847,12 @@ def _train_and_test(cfg: TrainConfig, data: Data, out_dir: Path, command: str,
             log.info("final %s evaluation on a fixed sample of %d of its %d users "
                      "(--test-users, seed %d); metrics.json gives the 95%% intervals", part,
                      n_eval[part], n_total[part], cfg.seed + 1)
-    valid = evaluate(trainer.model, final_data, "valid", cfg.task, cfg.eval_batch, full=True)
+    # beside sampled candidates, the full-ranking extras on at most --full-rank-users users
+    ranked = {"full_rank_users": cfg.full_rank_users, "seed": cfg.seed + 2}
+    valid = evaluate(trainer.model, final_data, "valid", cfg.task, cfg.eval_batch, full=True,
+                     **ranked)
     final = refit(cfg, data, trainer, out_dir) if cfg.refit else trainer.model
-    test = evaluate(final, final_data, "test", cfg.task, cfg.eval_batch, full=True)
+    test = evaluate(final, final_data, "test", cfg.task, cfg.eval_batch, full=True, **ranked)
     dist = trainer.dist
     described = dist.describe() if dist.enabled else None
     if not dist.leader:

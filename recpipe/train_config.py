@@ -118,6 +118,12 @@ class TrainConfig:
                           "tower models (mlp, neumf) whose full ranking of every item for "
                           "480k users would take hours; metrics.json states the sample "
                           "(test_users of test_users_total) and each metric's 95%% interval")
+    full_rank_users: int = opt(50_000, "on a split with sampled candidates (loo, ncf), the "
+                               "final validation's and the test's full-ranking extras "
+                               "(full_hr@10, full_ndcg@10, full_recall@20: every item for every "
+                               "user, the costliest part at Netflix's size) use a fixed, "
+                               "seeded sample of this many users when the part has more; "
+                               "the sampled-candidate metrics use every user; 0 = all")
     max_seconds: float = opt(0.0, "stop training after this many seconds (0 = no limit); "
                              "the best epoch so far is kept")
     tune: int = opt(0, "search the preset's hyperparameters on the validation split "
@@ -164,8 +170,10 @@ class TrainConfig:
             raise PipelineError("--tune-params applies to a search: add --tune N (trials)")
         if self.test_users < 0:
             raise PipelineError(f"--test-users must be >= 0 (0 = all), got {self.test_users}")
-        if self.valid_users < 0:
-            raise PipelineError(f"--valid-users must be >= 0 (0 = all), got {self.valid_users}")
+        for name in ("valid_users", "full_rank_users"):
+            if getattr(self, name) < 0:
+                raise PipelineError(f"--{name.replace('_', '-')} must be >= 0 (0 = all), got "
+                                    f"{getattr(self, name)}")
         if self.batch_size is not None and self.batch_size < 0:
             raise PipelineError(f"--batch-size must be >= 0 (0 = full batch), "
                                 f"got {self.batch_size}")

@@ -223,8 +223,8 @@ def test_finished_checkpoint_refers_to_the_best_weights_and_resumes_exactly(ml10
     real = train_mod.evaluate
     rmse = iter([])
 
-    def scripted(model, data, part, task, eval_batch=0, full=True):
-        out = real(model, data, part, task, eval_batch, full)
+    def scripted(model, data, part, task, eval_batch=0, full=True, **ranked):
+        out = real(model, data, part, task, eval_batch, full, **ranked)
         if not full:                      # per-epoch selection: epoch 2 is the best
             out["rmse"] = next(rmse)
         return out
@@ -268,6 +268,37 @@ def test_test_users_evaluates_a_stated_sample_with_its_interval(ml100k_random):
     lo, hi = part["test"]["rmse_ci"]
     flo, fhi = full["test"]["rmse_ci"]
     assert lo < part["test"]["rmse"] < hi and hi - lo > fhi - flo     # a wider interval
+
+
+@pytest.mark.shared
+def test_full_ranking_extras_use_a_stated_sample_of_users(ml100k_loo):
+    """--full-rank-users on a leave-one-out split: the sampled-candidate metrics (the
+    selection's) keep every user, the full-ranking extras are computed on the stated sample
+    of users (their _n), the same as full ranking of exactly those users; 0 = every user."""
+    from recpipe.dataset import load_data, sample_users
+    from recpipe.evaluation import evaluate, full_ranking
+    args = ["--model", "gmf", "--epochs", "1", "--no-refit", *SMALL["gmf"]]
+    every = run(_cfg(ml100k_loo, *args, "--full-rank-users", "0"))
+    part = run(_cfg(ml100k_loo, *args, "--full-rank-users", "200"))
+    for m in (every, part):
+        assert m["test"]["hr@10_n"] == m["valid"]["hr@10_n"] == 943
+    assert every["test"]["full_hr@10_n"] == 943
+    assert part["test"]["full_hr@10_n"] == part["valid"]["full_hr@10_n"] == 200
+    assert part["test"]["hr@10"] == every["test"]["hr@10"]        # the same model and users
+    assert part["config"]["full_rank_users"] == 200
+    model, _ = load_model(ml100k_loo / "60_train" / "gmf", torch.device("cpu"))
+    data = load_data(ml100k_loo, "implicit", torch.device("cpu"))
+    seed = part["config"]["seed"] + 2
+    got = evaluate(model, data, "test", "implicit", full_rank_users=200, seed=seed)
+    want = full_ranking(model, sample_users(data, "test", 200, seed)[0], "test",
+                        intervals=True)
+    assert got["full_hr@10"] == pytest.approx(part["test"]["full_hr@10"], abs=1e-9)
+    for k in ("full_hr@10", "full_ndcg@10", "full_recall@20"):
+        assert got[k] == pytest.approx(want[k], abs=1e-12), k
+    assert got["full_hr@10_n"] == 200
+    assert evaluate(model, data, "test", "implicit")["full_hr@10_n"] == 943
+    with pytest.raises(SystemExit):           # a usage error: exit 2 with the one line
+        _cfg(ml100k_loo, *args, "--full-rank-users", "-1")
 
 
 @pytest.mark.shared
