@@ -102,10 +102,35 @@ class Data:
             if self.train_csr is None:
                 raise RuntimeError("this Data copy was made without train keys or CSR "
                                    "(with_valid_in_train(keys=False, csr=False))")
-            tb = self.train_csr.tocoo()
-            keys = np.sort(tb.row.astype(np.int64) * self.n_items + tb.col.astype(np.int64))
-            self.train_keys = torch.from_numpy(keys).to(self.device)
+            self.train_keys = torch.from_numpy(csr_keys(self.train_csr, self.n_items)).to(
+                self.device)
         return self.train_keys
+
+
+def csr_keys(csr: sp.csr_matrix, n_items: int) -> np.ndarray:
+    """The sorted, distinct user * n_items + item keys (int64) of ``csr``'s entries, built in
+    place in the output (8 bytes an entry; no COO copy): a canonical CSR lists them in order
+    already, any other is canonicalised on a copy first."""
+    if not csr.has_canonical_format:
+        csr = csr.copy()
+        csr.sum_duplicates()
+    keys = np.repeat(np.arange(csr.shape[0], dtype=np.int64) * np.int64(n_items),
+                     np.diff(csr.indptr))
+    keys += csr.indices
+    return keys
+
+
+def merged_keys(sorted_keys: torch.Tensor, more: torch.Tensor) -> torch.Tensor:
+    """The sorted union of the sorted, distinct ``sorted_keys`` and the keys ``more`` (a
+    few, e.g. the validation pairs'): one insertion into a new array, no sort of the whole
+    (``torch.unique`` of the concatenation sorts it, with temporaries twice its size)."""
+    a = sorted_keys.cpu().numpy()
+    b = np.unique(more.cpu().numpy())
+    pos = np.searchsorted(a, b)
+    new = (pos == len(a)) | (a[np.minimum(pos, len(a) - 1)] != b) if len(a) else \
+        np.ones(len(b), dtype=bool)
+    out = np.insert(a, pos[new], b[new])
+    return torch.from_numpy(out).to(sorted_keys.device)
 
 
 def _load_npz(path: Path) -> sp.csr_matrix:
@@ -366,6 +391,8 @@ class KeySet:
     dependent, cache-missing reads per query), which costs 5-10x more per query than the
     bitmap. Every way gives the same answers."""
 
+    CHUNK = 1 << 22              # keys per step while the bits are set
+
     def __init__(self, keys_sorted: torch.Tensor, n_keys: int, max_bytes: int = 1 << 28):
         self.keys = keys_sorted
         self.bits: torch.Tensor | None = None
@@ -381,14 +408,15 @@ class KeySet:
             if n_bits < 8:                                     # no room: binary search only
                 return
         self.mask = n_bits - 1
-        # built on the CPU (integer index_add_ there is deterministic), then moved; distinct
-        # slots set distinct bits of a byte, so their sum is their bitwise or
-        k = keys_sorted.cpu()
-        k = torch.unique_consecutive(k) if self.exact else torch.unique(k & self.mask)
-        bits = torch.zeros(n_bits // 8, dtype=torch.uint8)
-        bits.index_add_(0, k >> 3, torch.ones_like(k, dtype=torch.uint8)
-                        << (k & 7).to(torch.uint8))
-        self.bits = bits.to(keys_sorted.device)
+        # built on the CPU, then moved: each key's bit or-ed in (``np.bitwise_or.at``, which
+        # keeps repeated slots right), a chunk of keys at a time, so nothing of the keys'
+        # size is allocated beside them (a unique of the slots took 2.6 GB at 99M keys)
+        k = keys_sorted.cpu().numpy()
+        bits = np.zeros(n_bits // 8, dtype=np.uint8)
+        for s in range(0, len(k), self.CHUNK):
+            slot = k[s:s + self.CHUNK] & self.mask
+            np.bitwise_or.at(bits, slot >> 3, np.left_shift(1, slot & 7).astype(np.uint8))
+        self.bits = torch.from_numpy(bits).to(keys_sorted.device)
 
     def contains(self, keys: torch.Tensor) -> torch.Tensor:
         """Bool mask of ``keys``' shape: which of them are in the set."""
@@ -441,24 +469,24 @@ def with_valid_in_train(data: Data, keys: bool = True, csr: bool = True) -> Data
 
     ``keys`` / ``csr``: build the merged ``train_keys`` (sampled negatives need them) and
     ``train_csr`` (closed-form fits); when not asked for they are None, so that nothing can
-    read the train-only ones by mistake. At 100M ratings each costs a sort or a sparse sum of
-    91M entries, about 0.7 GB held and more while it is built. The merged part is a view of
+    read the train-only ones by mistake. At 100M ratings each is about 0.7 GB held: the keys
+    one insertion of the validation keys into a new array (``merged_keys``), the CSR a sparse
+    sum. The merged part is a view of
     train and valid where they lie one after the other in memory (``load_data`` puts them
     so), a copy otherwise."""
     t, v = data.train, data.valid
     train = Part(users=_joined(t.users, v.users), items=_joined(t.items, v.items),
                  ratings=_joined(t.ratings, v.ratings))
-    merged_keys = merged_csr = None
+    merged = merged_csr = None
     if keys:
-        vk = pair_keys(v.users, v.items, data.n_items)
-        merged_keys = torch.unique(torch.cat([data.keys(), vk]))              # sorted
+        merged = merged_keys(data.keys(), pair_keys(v.users, v.items, data.n_items))
     if csr:
         vcsr = sp.csr_matrix((np.ones(len(v), dtype=np.float32),
                               (v.users.cpu().numpy(), v.items.cpu().numpy())),
                              shape=(data.n_users, data.n_items))
         merged_csr = (data.train_csr + vcsr).tocsr()
         merged_csr.data[:] = 1.0
-    return dataclasses.replace(data, train=train, train_keys=merged_keys,
+    return dataclasses.replace(data, train=train, train_keys=merged,
                                train_csr=merged_csr)
 
 

@@ -204,3 +204,37 @@ def _tiny_big_data() -> dataset.Data:
                         rating_scale=(1.0, 1.0), global_mean=0.0, rating_std=1.0,
                         task="implicit", train=train, valid=valid, test=part(10),
                         train_keys=None, candidates={}, device=CPU, train_csr=csr)
+
+
+def test_train_keys_come_from_the_csr_without_a_sort():
+    """csr_keys: the sorted, distinct keys of a CSR's entries, built in place; a CSR that is
+    not canonical (unsorted rows, repeated entries) is canonicalised first."""
+    rng = np.random.default_rng(3)
+    rows, cols = rng.integers(0, 40, 500), rng.integers(0, 30, 500)     # repeats included
+    messy = sp.csr_matrix((np.ones(500, np.float32), (rows, cols)), shape=(40, 30))
+    messy.has_sorted_indices = False
+    want = np.unique(rows.astype(np.int64) * 30 + cols)
+    assert np.array_equal(dataset.csr_keys(messy, 30), want)
+    tidy = messy.copy()
+    tidy.sum_duplicates()
+    assert tidy.has_canonical_format and np.array_equal(dataset.csr_keys(tidy, 30), want)
+
+
+def test_the_refit_keys_are_the_sorted_union():
+    rng = np.random.default_rng(4)
+    a = torch.from_numpy(np.unique(rng.integers(0, 10_000, 3_000)))
+    more = torch.cat([a[::97], torch.from_numpy(rng.integers(0, 10_100, 400)),
+                      torch.tensor([-0, 10_099, 10_099])])     # overlaps, repeats, both ends
+    assert torch.equal(dataset.merged_keys(a, more), torch.unique(torch.cat([a, more])))
+    assert torch.equal(dataset.merged_keys(a[:0], more), torch.unique(more))
+    assert torch.equal(dataset.merged_keys(a, more[:0]), a)
+
+
+def test_the_key_filter_is_the_same_built_chunk_by_chunk(monkeypatch):
+    keys = torch.from_numpy(np.unique(np.random.default_rng(5).integers(0, 10**9, 50_000)))
+    whole = dataset.KeySet(keys, 10**9, max_bytes=1 << 12)
+    monkeypatch.setattr(dataset.KeySet, "CHUNK", 1000)
+    chunked = dataset.KeySet(keys, 10**9, max_bytes=1 << 12)
+    assert not whole.exact and torch.equal(whole.bits, chunked.bits)
+    q = torch.cat([keys[::7], torch.randint(0, 10**9, (20_000,))])
+    assert torch.equal(chunked.contains(q), torch.from_numpy(np.isin(q.numpy(), keys.numpy())))
