@@ -11,8 +11,12 @@ from .cli import PipelineError
 TRAIN, VALID, TEST, DROPPED = 0, 1, 2, -1     # part labels of a split
 
 def pair_keys(u: np.ndarray, i: np.ndarray, n_items: int) -> np.ndarray:
-    """user * n_items + item as int64: one sortable key per (user, item) pair."""
-    return np.asarray(u, dtype=np.int64) * np.int64(n_items) + np.asarray(i, dtype=np.int64)
+    """user * n_items + item as int64: one sortable key per (user, item) pair, built in its
+    own new array (no temporaries of the keys' size)."""
+    k = np.array(u, dtype=np.int64)                      # a copy: u itself is never written
+    k *= np.int64(n_items)
+    k += np.asarray(i)
+    return k
 
 
 def sorted_keys(u: np.ndarray, i: np.ndarray, n_items: int) -> np.ndarray:
@@ -49,15 +53,17 @@ def rank_from_end(u: np.ndarray, primary: np.ndarray, tiebreak: np.ndarray, n_us
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Per row, how many of the user's rows come after it in (primary, tiebreak) order.
 
-    0 marks the user's last (latest) row. Returns (ranks, ratings per user).
+    0 marks the user's last (latest) row. Returns (ranks, ratings per user); the ranks are
+    int32 while the rows fit (``_index_dtype``), built with one temporary of that width.
     """
     order = _order_by(u, primary, tiebreak)
     counts = np.bincount(u, minlength=n_users)
-    starts = np.cumsum(counts) - counts
-    us = u[order]
-    pos = np.arange(len(u), dtype=np.int64) - starts[us]
-    ranks = np.empty(len(u), dtype=np.int64)
-    ranks[order] = counts[us] - 1 - pos
+    dt = _index_dtype(len(u))
+    last = (np.cumsum(counts) - 1).astype(dt)       # each user's last position in ``order``
+    behind = last[u[order]]                         # the row at position p: last[its user] - p
+    behind -= np.arange(len(u), dtype=dt)
+    ranks = np.empty(len(u), dtype=dt)
+    ranks[order] = behind
     return ranks, counts
 
 

@@ -57,7 +57,8 @@ import pandas as pd
 from .artifacts import (StageOutput, dtypes_of, read_columns, read_manifest, read_parquet,
                         stage_dir, stage_manifest, write_parquet)
 from .cli import PipelineError, opt, parse_config, print_config, set_seed
-from .holdout import (DROPPED, TEST, TRAIN, VALID, _order_by, _round_half_up, in_sorted, pair_keys,  # noqa: F401
+from .holdout import (DROPPED, TEST, TRAIN, VALID, _index_dtype, _order_by, _round_half_up,  # noqa: F401
+                      in_sorted, pair_keys,
                       flatnonzero_compact, per_user_holdout, random_holdout, rank_from_end,
                       sample_negatives, sorted_keys)
 from .readers import read_ncf_test, read_probe
@@ -203,7 +204,8 @@ def _random_tiebreak(r: Ratings, seed: int) -> np.ndarray:
     items in the same second systematically less popular (ML-100K: 415 of 943 users share
     their latest timestamp with another item).
     """
-    return _rngs(seed)["tie"].permutation(r.n)
+    # int32 while the rows fit: the same order, half the memory (lexsort reads the values)
+    return _rngs(seed)["tie"].permutation(r.n).astype(_index_dtype(r.n))
 
 
 def split_temporal_user(r: Ratings, cfg: Config, ctx: Context) -> SplitOutcome:
@@ -484,11 +486,12 @@ def split(ratings: Any, n_users: int, n_items: int, cfg: Config,
         unseen[name] = st
     unseen["dropped_rows"] = dropped_rows
 
-    # the parts, one input column at a time: each column is dropped once its parts are
-    # taken (u / i stay referenced only for the negatives of the implicit strategies)
+    # the implicit strategies' negatives avoid everything a user rated: those keys are
+    # formed now, so that u / i (the input id columns) are freed with the other columns
     implicit = s in IMPLICIT_STRATEGIES
-    if not implicit:
-        del r, u, i
+    rated = sorted_keys(u, i, n_items) if implicit else None  # stage 20's rows: no sort
+    del r, u, i
+    # the parts, one input column at a time: each column is dropped once its parts are taken
     codes = (TRAIN, VALID) if ext_test is not None else (TRAIN, VALID, TEST)
     masks = {code: part == code for code in codes}
     taken: dict[int, dict[str, np.ndarray]] = {code: {} for code in codes}
@@ -507,7 +510,6 @@ def split(ratings: Any, n_users: int, n_items: int, cfg: Config,
     valid_negs = test_negs = None
     if implicit:
         g = _rngs(cfg.seed)
-        rated = sorted_keys(u, i, n_items)  # stage 20 rows are sorted: usually no sort
         if ext_test is not None:
             rated = np.concatenate([rated, pair_keys(test["user_idx"], test["item_idx"], n_items)])
             rated.sort()
