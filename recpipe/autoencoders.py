@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .dataset import pair_keys
 from .family import Family, look, register
 
 
@@ -55,7 +56,7 @@ class DeviceCSR:
 
     def __init__(self, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor,
                  n_rows: int, n_cols: int):
-        order = torch.argsort(rows.long() * n_cols + cols)    # int64 keys (int32 parts)
+        order = torch.argsort(pair_keys(rows, cols, n_cols))  # int64 keys (int32 parts)
         self.cols = cols[order]
         self.vals = vals[order].float()
         counts = torch.bincount(rows, minlength=n_rows)

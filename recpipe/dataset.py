@@ -18,6 +18,7 @@ import torch
 from .artifacts import (CORRUPT_FILE_ERRORS, MANIFEST, fingerprint, read_manifest,
                         rerun_command, stage_dir)
 from .cli import PipelineError
+from .holdout import in_sorted
 
 STAGE40 = "40_make_sparse_matrix"
 
@@ -126,11 +127,8 @@ def merged_keys(sorted_keys: torch.Tensor, more: torch.Tensor) -> torch.Tensor:
     (``torch.unique`` of the concatenation sorts it, with temporaries twice its size)."""
     a = sorted_keys.cpu().numpy()
     b = np.unique(more.cpu().numpy())
-    pos = np.searchsorted(a, b)
-    new = (pos == len(a)) | (a[np.minimum(pos, len(a) - 1)] != b) if len(a) else \
-        np.ones(len(b), dtype=bool)
-    out = np.insert(a, pos[new], b[new])
-    return torch.from_numpy(out).to(sorted_keys.device)
+    b = b[~in_sorted(b, a)]
+    return torch.from_numpy(np.insert(a, np.searchsorted(a, b), b)).to(sorted_keys.device)
 
 
 def _load_npz(path: Path) -> sp.csr_matrix:
@@ -446,9 +444,9 @@ def sample_negatives(users: torch.Tensor, n_items: int, n_neg: int,
     member = train_keys.contains if isinstance(train_keys, KeySet) else (
         lambda q: is_member(train_keys, q))
     neg = torch.randint(0, n_items, (users.shape[0], n_neg), device=dev, generator=generator)
-    u = users.long().unsqueeze(1)       # int64 keys whatever the ids' dtype
+    u = users.unsqueeze(1)
     for _ in range(max_rounds):
-        bad = member(u * n_items + neg)
+        bad = member(pair_keys(u, neg, n_items))       # int64 whatever the ids' dtype
         nbad = int(bad.sum())
         if nbad == 0:
             break

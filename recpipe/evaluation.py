@@ -42,6 +42,7 @@ from .scoring import (_wants_rows, fallback_mask, predict_pairs, score_blocks,
 
 log = logging.getLogger("recpipe")
 
+
 def selection_metric(task: str, data: Data) -> tuple[str, bool]:
     """(metric key, higher is better) used for early stopping and model selection."""
     return _SELECTION[task](data)
