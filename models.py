@@ -16,6 +16,7 @@ scales), a logit for implicit (global_mean 0, scale 1).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import numpy as np
@@ -70,24 +71,78 @@ class _Base(Family):
 
 @register("mf")
 class BiasedMF(_Base):
-    """r = mu + b_u + b_i + p_u . q_i (Funk / Koren biased matrix factorization)."""
+    """r = mu + b_u + b_i + p_u . q_i (Funk / Koren biased matrix factorization).
+
+    The L2 of the explicit objective weighs each sample's rows by ``reg`` times a per-row
+    factor (n / n_mean) ** -reg_power, n the row's train ratings and n_mean the mean over the
+    rows of its side that have any (``user_reg``, ``item_reg``: set from the train part by
+    ``learn_fallback``, saved with the model). reg_power 0: every row's factor is 1 and a
+    row's total penalty grows with its ratings (Funk, ALS-WR's weighted lambda); 1: every row
+    gets the same total penalty (a plain Gaussian prior, weight decay). Between them, heavy
+    users and popular items are shrunk less per rating than light ones."""
 
     default_task = "explicit"
-    options = {"dim": "factors per side", "init_std": "std of the factor initialisation"}
+    options = {"dim": "factors per side", "init_std": "std of the factor initialisation",
+               "reg_power": "the L2's per-row scaling by train count"}
     analytic_tasks = ("explicit",)
     fused_tasks = ("explicit",)
+    REG_BUFFERS = ("user_reg", "item_reg", "reg_mean_count")
 
     @classmethod
     def from_config(cls, hp, task, global_mean, scale, sparse):
-        return {**_common(hp, global_mean, scale, sparse), "dim": int(hp["dim"])}
+        args = {**_common(hp, global_mean, scale, sparse), "dim": int(hp["dim"])}
+        if "reg_power" in cls.options:
+            args["reg_power"] = float(hp.get("reg_power") or 0.0)
+        return args
 
     def __init__(self, n_users: int, n_items: int, dim: int = 64, init_std: float = 0.05,
-                 global_mean: float = 0.0, scale: float = 1.0, sparse: bool = False):
+                 global_mean: float = 0.0, scale: float = 1.0, sparse: bool = False,
+                 reg_power: float = 0.0):
         super().__init__(n_users, n_items, global_mean, scale)
         self.table("user", "user_factors", dim, init_std, sparse)
         self.table("item", "item_factors", dim, init_std, sparse)
         self.table("user", "user_bias", 1, None, sparse)
         self.table("item", "item_bias", 1, None, sparse)
+        self.reg_power = float(reg_power)
+        self.register_buffer("user_reg", torch.ones(self.n_users))
+        self.register_buffer("item_reg", torch.ones(self.n_items))
+        # the mean train ratings per user and per item with any (the fold-in's n_mean)
+        self.register_buffer("reg_mean_count", torch.ones(2, dtype=torch.float64))
+        if self.reg_power:        # the autograd path's row L2 (family.look) weighs rows too
+            for name, buf in (("user_factors", "user_reg"), ("user_bias", "user_reg"),
+                              ("item_factors", "item_reg"), ("item_bias", "item_reg")):
+                getattr(self, name).l2_weight = functools.partial(self._l2_weight, buf)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # models saved before reg_power: every factor 1 (what they were trained with)
+        for name in self.REG_BUFFERS:
+            state_dict.setdefault(prefix + name, getattr(self, name))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def learn_fallback(self, train, explicit: bool, negatives: bool) -> dict[str, int]:
+        """The base class's record of the rows with training data, and the L2's per-row
+        factors from the same train counts (class docstring)."""
+        out = super().learn_fallback(train, explicit, negatives)
+        dev = self.user_reg.device
+        for j, (idx, n, buf) in enumerate(((train.users, self.n_users, self.user_reg),
+                                           (train.items, self.n_items, self.item_reg))):
+            counts = torch.bincount(idx.to(dev).long(), minlength=n).double()
+            seen = counts > 0
+            mean = float(counts[seen].mean()) if bool(seen.any()) else 1.0
+            self.reg_mean_count[j] = mean
+            buf.copy_(self.count_factor(counts, mean))
+        return out
+
+    def _l2_weight(self, buf: str, idx: torch.Tensor) -> torch.Tensor:
+        return getattr(self, buf)[idx]
+
+    def count_factor(self, counts: torch.Tensor, mean: float) -> torch.Tensor:
+        """The L2's factor of rows with ``counts`` train ratings, (n / mean) ** -reg_power
+        (a row without ratings gets the factor of one rating: it is never trained)."""
+        if not self.reg_power:
+            return torch.ones_like(counts)
+        return (counts.clamp_min(1.0) / mean).pow(-self.reg_power)
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         p = _look(self.user_factors, users)
@@ -155,6 +210,8 @@ class BiasedMF(_Base):
             # index_add_ with alpha, which takes a slow path on CPU)
             uses = (torch.bincount(idx, minlength=w.shape[0]).to(w.dtype).mul_(c).unsqueeze(1)
                     if c else None)
+            if c and self.reg_power:
+                uses.mul_(self._row_factor(w).unsqueeze(1))
             for x in (w, b):
                 if x.grad is None or x.grad.is_sparse:
                     x.grad = torch.empty_like(x)
@@ -202,11 +259,18 @@ class BiasedMF(_Base):
         for w, b, rows, inv, gw, gb in sides:
             if c:
                 uses = torch.bincount(inv, minlength=rows.shape[0]).to(w.dtype)
+                if self.reg_power:
+                    uses.mul_(self._row_factor(w).index_select(0, rows))
                 uses = uses.mul_(c).unsqueeze(1)
                 gw.addcmul_(w.detach().index_select(0, rows), uses)
                 gb.addcmul_(b.detach().index_select(0, rows), uses)
             out += [(w, rows, gw), (b, rows, gb)]
         return sq / n, out
+
+    def _row_factor(self, w: torch.Tensor) -> torch.Tensor:
+        """The L2 factors of the side whose factor table is ``w``, in its dtype."""
+        side = self.user_reg if w is self.user_factors.weight else self.item_reg
+        return side.to(w.dtype)
 
     def analytic_grad(self, users, items, ratings, reg, scratch, rows):
         """The explicit objective's loss and gradient: dense ``.grad`` (``rows=False``) or
@@ -233,7 +297,8 @@ class BiasedMF(_Base):
                 users.numpy(), items.numpy(), ratings.to(torch.float32).numpy(),
                 self._standardise))
         U, V = (kernels.pack(*a) for a in arrays)
-        sq = scratch["kernel"].epoch(seed, U, V, lr, reg, threads)
+        rows = (self.user_reg.numpy(), self.item_reg.numpy()) if self.reg_power else None
+        sq = scratch["kernel"].epoch(seed, U, V, lr, reg, threads, rows)
         for packed, a in zip((U, V), arrays):
             kernels.unpack(packed, *a)
         return sq
@@ -252,21 +317,27 @@ class BiasedMF(_Base):
         The model predicts r = mu + s * (b_u + b_i + p_u.q_i) (s: the train ratings' std) and
         stage 60 minimises, per sample, ((r - r_hat) / s)^2 + reg * (|p_u|^2 + b_u^2 + item
         rows). Kept to one user's terms, with z_i = (r_i - mu) / s - b_i and x_i = [q_i, 1],
-        that is sum_i (z_i - x_i.theta)^2 + reg * n_u * |theta|^2, solved exactly (float64,
-        all users at once): theta = (X'X + reg * n_u * I)^-1 X'z."""
+        that is sum_i (z_i - x_i.theta)^2 + lam_u * |theta|^2 with lam_u = reg * n_u times the
+        row factor of n_u ratings (class docstring), solved exactly (float64, all users at
+        once): theta = (X'X + lam_u * I)^-1 X'z."""
         if not isinstance(objective, ExplicitMSE):
             return super().fold_in(objective, reg, users, items, ratings, n_users, steps, lr,
                                    seed)
         us, sums, rhs = self._user_normal_equations(users, items, ratings, n_users)
         d = rhs.shape[1]
         counts = torch.bincount(us, minlength=n_users).double()
-        lam = (reg * counts).clamp_min(1e-8)      # tiny floor keeps one-rating users solvable
+        # the training L2 of a user with n ratings: reg * n * (n / n_mean) ** -reg_power
+        factor = self.count_factor(counts, float(self.reg_mean_count[0]))
+        lam = (reg * counts * factor).clamp_min(1e-8)   # the floor: one-rating users solvable
         eye = torch.eye(d, dtype=torch.float64, device=rhs.device)
         theta = torch.linalg.solve(sums + lam[:, None, None] * eye, rhs)
         rows = {"user_factors": theta[:, :-1].float(), "user_bias": theta[:, -1:].float()}
+        per = (f"{reg:g} per rating" if not self.reg_power else
+               f"{reg:g} x (ratings / {float(self.reg_mean_count[0]):.3g}) ** -{self.reg_power:g}"
+               f" per rating")
         method = (f"biased MF fold-in: solved the new user's {d - 1} factors and bias in "
                   f"closed form (ridge regression with the item factors and biases fixed; L2 "
-                  f"{reg:g} per rating as in training)")
+                  f"{per} as in training)")
         return self.with_user_rows(rows), method
 
     @torch.no_grad()

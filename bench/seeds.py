@@ -33,6 +33,15 @@ ncf splits); full-ranking-only implicit splits are refused.
     python bench/seeds.py --data-dir DIR --models mf deepmf autorec [--seeds 0 1 2 3 4]
         [--pairs deepmf:mf autorec:mf] [--train-args "--threads 2"]
         [--out bench/out/seeds/NAME.json] [--resamples 2000] [--bootstrap-seed 0]
+
+A variant of a family (another setting beside its preset, to compare the two on the same
+seeds and test users) is ``--models LABEL=FAMILY`` with ``--variant-args LABEL="OPTIONS"``:
+
+    python bench/seeds.py --data-dir DIR --models mf mf_old=mf \
+        --variant-args "mf_old=--reg-power 0 --reg 0.1" --pairs mf:mf_old
+
+A variant trains into its family's folder (DIR/60_train/FAMILY), as every run does, so a
+blend listed after it stacks the variant.
 """
 from __future__ import annotations
 
@@ -231,7 +240,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--models", nargs="+", required=True,
                     help="model families to train (60_train.py --model); each model's task "
                          "is stage 60's default for it on this split unless --train-args "
-                         "sets --task")
+                         "sets --task; LABEL=FAMILY names a variant of FAMILY whose extra "
+                         "options --variant-args gives")
+    ap.add_argument("--variant-args", action="append", default=[], metavar="LABEL=OPTIONS",
+                    help="extra 60_train.py options of the variant LABEL of --models, one "
+                         "quoted string after the =, e.g. \"mf_old=--reg-power 0\"")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4],
                     help="training seeds, 60_train.py --seed (default: 0 1 2 3 4)")
     ap.add_argument("--pairs", nargs="+", default=None, metavar="A:B",
@@ -260,7 +273,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                 f"run; use --data-dir / --models / --seeds instead")
     import models as _models  # noqa: F401 - registers the built-in families
     from recpipe.family import REGISTRY
-    unknown = [m for m in args.models if m not in REGISTRY]
+    labels = [e.partition("=") for e in args.models]
+    args.models = [label for label, _, _ in labels]      # a repeated label is refused below
+    args.family = {label: fam if sep else label for label, sep, fam in labels}
+    args.extra = {}
+    for v in args.variant_args:
+        label, sep, opts = v.partition("=")
+        if not sep or label not in args.family or args.family[label] == label:
+            raise PipelineError(f"--variant-args {v}: expected LABEL=OPTIONS with LABEL a "
+                                f"variant LABEL=FAMILY of --models")
+        args.extra[label] = shlex.split(opts)
+    unknown = [f for f in args.family.values() if f not in REGISTRY]
     if unknown:
         raise PipelineError(f"--models: unknown {' '.join(unknown)}; expected some of "
                             f"{' '.join(sorted(REGISTRY))}")
@@ -284,12 +307,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run_seed(args: argparse.Namespace, model: str, seed: int, commands: list[str],
              first: "Units | None") -> tuple[dict[str, Any], Units]:
     """One run of ``model`` at ``seed``: (its row of the report, its test units)."""
-    commands.append(train(args.data_dir, model, seed, args.train_args))
-    metrics, units = score_test_units(args.data_dir, model)
+    fam = args.family[model]
+    commands.append(train(args.data_dir, fam, seed,
+                          args.train_args + args.extra.get(model, [])))
+    metrics, units = score_test_units(args.data_dir, fam)
     # the next seed overwrites DIR/60_train/MODEL: keep this run's metrics.json
     kept = args.out.with_suffix("") / model / f"seed{seed}.metrics.json"
     kept.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(args.data_dir / "60_train" / model / "metrics.json", kept)
+    shutil.copyfile(args.data_dir / "60_train" / fam / "metrics.json", kept)
     if first is not None and (units.task != first.task
                               or not np.array_equal(units.users, first.users)):
         raise PipelineError(f"{model}: seed {seed} was trained for another task or test "
@@ -413,7 +438,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     pairs = compare(args, reports, units)
     print_tables(args, reports, pairs)
     result = {"data_dir": str(args.data_dir), "seeds": args.seeds,
-              "train_args": args.train_args, "python": sys.executable, "commands": commands,
+              "train_args": args.train_args, "variants": {
+                  m: {"family": args.family[m], "args": args.extra.get(m, [])}
+                  for m in args.models if args.family[m] != m},
+              "python": sys.executable, "commands": commands,
               "resamples": args.resamples, "bootstrap_seed": args.bootstrap_seed,
               "interval": "95% paired percentile bootstrap over test users (2.5, 97.5)",
               "tolerance": TOLERANCE, "models": reports, "pairs": pairs}

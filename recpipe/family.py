@@ -151,7 +151,8 @@ def look(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
     Dense tables use ``index_select``, whose backward (an ``index_add``) is about 3x faster on
     CPU than ``nn.Embedding``'s; sparse tables go through the module (sparse gradients). When
     the trainer sets ``emb.captured`` to a list, the looked-up rows are appended to it (the
-    row L2 on the rows a batch used)."""
+    row L2 on the rows a batch used), scaled by the root of ``emb.l2_weight(idx)`` when the
+    family gives the table per-row L2 weights."""
     if getattr(emb, "compact", None) is not None:
         # row-compact training (the trainer's sparse_adam path): the distinct rows become a
         # leaf of their own, so backward yields [rows, dim] gradients for step_rows, with no
@@ -164,7 +165,11 @@ def look(emb: nn.Embedding, idx: torch.Tensor) -> torch.Tensor:
         out = emb.weight.index_select(0, idx.reshape(-1)).view(*idx.shape, emb.embedding_dim)
     cap = getattr(emb, "captured", None)
     if cap is not None:
-        cap.append(out)
+        # a table with per-row L2 weights (``l2_weight(idx)``: mf's reg_power) adds each
+        # row's square times its weight: the captured row is scaled by the weight's root
+        weight = getattr(emb, "l2_weight", None)
+        cap.append(out if weight is None
+                   else out * weight(idx).to(out.dtype).sqrt().unsqueeze(-1))
     return out
 
 

@@ -115,13 +115,16 @@ if numba is not None:
         cz[a], cz[b] = cz[b], cz[a]
 
     @njit(cache=_CACHE, fastmath=True, error_model="numpy")     # no division checks
-    def _block(lo, hi, users, items, z, U, V, lr, reg):
-        """SGD over ratings lo..hi-1. Packed rows: [factors (k), bias, G factors, G bias]."""
+    def _block(lo, hi, users, items, z, U, V, lr, reg, RU, RV):
+        """SGD over ratings lo..hi-1. Packed rows: [factors (k), bias, G factors, G bias].
+        RU / RV: each user's / item's multiplier of ``reg``."""
         k = U.shape[1] - 3
         sq = 0.0
         for s in range(lo, hi):
             u = users[s]
             i = items[s]
+            ru = reg * RU[u]
+            ri = reg * RV[i]
             acc = np.float32(0.0)
             for f in range(k):
                 acc += U[u, f] * V[i, f]
@@ -130,8 +133,8 @@ if numba is not None:
             gu = np.float32(0.0)
             gi = np.float32(0.0)
             for f in range(k):
-                a = e * V[i, f] + reg * U[u, f]
-                b = e * U[u, f] + reg * V[i, f]
+                a = e * V[i, f] + ru * U[u, f]
+                b = e * U[u, f] + ri * V[i, f]
                 gu += a * a
                 gi += b * b
             U[u, k + 1] += gu / k
@@ -141,23 +144,23 @@ if numba is not None:
             for f in range(k):
                 p = U[u, f]
                 q = V[i, f]
-                U[u, f] = p - su * (e * q + reg * p)
-                V[i, f] = q - si * (e * p + reg * q)
-            gb = e + reg * U[u, k]
+                U[u, f] = p - su * (e * q + ru * p)
+                V[i, f] = q - si * (e * p + ri * q)
+            gb = e + ru * U[u, k]
             U[u, k + 2] += gb * gb
             U[u, k] -= lr / np.sqrt(U[u, k + 2]) * gb
-            gb = e + reg * V[i, k]
+            gb = e + ri * V[i, k]
             V[i, k + 2] += gb * gb
             V[i, k] -= lr / np.sqrt(V[i, k + 2]) * gb
         return sq
 
     @njit(cache=_CACHE, parallel=True)
-    def _stratum(s, starts, nb, users, items, z, U, V, lr, reg):
+    def _stratum(s, starts, nb, users, items, z, U, V, lr, reg, RU, RV):
         """Stratum s: its nb blocks in parallel (they share no user and no item)."""
         part = np.zeros(nb)
         for t in prange(nb):
             b = s * nb + t
-            part[t] = _block(starts[b], starts[b + 1], users, items, z, U, V, lr, reg)
+            part[t] = _block(starts[b], starts[b + 1], users, items, z, U, V, lr, reg, RU, RV)
         sq = 0.0
         for t in range(nb):              # fixed order: the sum does not depend on threads
             sq += part[t]
@@ -338,16 +341,20 @@ class Ratings:
         self.order_seed = seed
 
     def epoch(self, seed: int, U: np.ndarray, V: np.ndarray, lr: float, reg: float,
-              threads: int) -> float:
+              threads: int, reg_rows: tuple[np.ndarray, np.ndarray] | None = None) -> float:
         """One epoch: every block in the order drawn from ``seed``, the strata one after the
-        other; U / V the packed user / item tables (updated in place). Returns the sum of
-        the squared errors seen before each update."""
+        other; U / V the packed user / item tables (updated in place). ``reg_rows``: float32
+        multipliers of ``reg`` per user and per item (None: 1 for every row). Returns the
+        sum of the squared errors seen before each update."""
         numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
         self._order(int(seed))
+        if reg_rows is None:
+            reg_rows = (np.ones(U.shape[0], np.float32), np.ones(V.shape[0], np.float32))
+        RU, RV = reg_rows
         sq = 0.0
         for s in range(BLOCKS):   # one call per stratum: Ctrl-C is seen between strata
             sq += _stratum(s, self.starts, BLOCKS, self.ou, self.oi, self.oz, U, V,
-                           np.float32(lr), np.float32(reg))
+                           np.float32(lr), np.float32(reg), RU, RV)
         return sq
 
 

@@ -78,6 +78,12 @@ class TrainConfig:
                                       "when --batch-size comes from the preset, off when given")
     reg: Optional[float] = opt(None, "L2 weight on the embedding rows used by each sample ("
                                + _uses("reg") + ")" + PRESET)
+    reg_power: Optional[float] = opt(None, "scale --reg per row by (the row's train ratings / "
+                                     "the mean over its side) ** -P: 0 = one weight for every "
+                                     "sample, so a row's total L2 grows with its ratings "
+                                     "(Funk, ALS-WR); 1 = one total L2 per row, whatever its "
+                                     "ratings (" + _uses("reg_power") + "; explicit task)"
+                                     + PRESET)
     recency: Optional[float] = opt(None, "weigh a user's history by recency at scoring time, "
                                    "this half-life in interactions (" + _uses("recency")
                                    + "); 0 = off")
@@ -132,7 +138,7 @@ class TrainConfig:
                     "options not given on the command line are searched (recpipe/tune.py "
                     "gives the ranges; tune.csv and metrics.json record the search); 0 = off")
     tune_params: Optional[list[str]] = opt(None, "--tune: search only these options (of lr "
-                                           "reg dim hidden layers dropout n_negatives); "
+                                           "reg dim hidden layers dropout n_negatives reg_power); "
                                            "default: all that the model reads")
     tune_seconds: float = opt(0.0, "--tune: stop starting trials after this many seconds "
                               "(0 = run all --tune trials)")
@@ -153,7 +159,8 @@ class TrainConfig:
             if v is not None and not (v > 0 and math.isfinite(v)):
                 raise PipelineError(f"--{name.replace('_', '-')} must be a positive number, "
                                     f"got {v}")
-        for name in ("reg", "init_std", "dropout", "momentum", "recency", "min_delta"):
+        for name in ("reg", "init_std", "dropout", "momentum", "recency", "min_delta",
+                     "reg_power"):
             v = getattr(self, name)
             if name == "reg" and v == math.inf and self.model in REGISTRY \
                     and math.inf in getattr(family(self.model), "reg_grid", ()):
@@ -183,6 +190,10 @@ class TrainConfig:
         if self.members is not None and "members" not in cls.options:
             users = [n for n, c in REGISTRY.items() if "members" in c.options]
             raise PipelineError(f"--members applies to --model {' / '.join(users)} only, "
+                                f"got {self.model}")
+        if self.reg_power and "reg_power" not in cls.options:
+            users = [n for n, c in REGISTRY.items() if "reg_power" in c.options]
+            raise PipelineError(f"--reg-power applies to --model {' / '.join(users)} only, "
                                 f"got {self.model}")
         if self.pretrained and not cls.pretrain_from:
             users = [n for n, c in REGISTRY.items() if c.pretrain_from]
@@ -214,6 +225,10 @@ class TrainConfig:
         for k, v in values.items():
             if getattr(cfg, k) is None:
                 setattr(cfg, k, copy.deepcopy(v))
+        if cfg.reg_power and cfg.task != "explicit":
+            raise PipelineError(f"--reg-power scales the explicit objective's L2 per row; "
+                                f"this run trains {cfg.model} for the {cfg.task} task (drop "
+                                f"--reg-power, or add --task explicit)")
         return cfg
 
 
@@ -313,7 +328,7 @@ def for_data(cfg: TrainConfig, data: Data) -> TrainConfig:
 def model_args(cfg: TrainConfig, data: Data) -> dict[str, Any]:
     """Constructor arguments (plain types) of the chosen family."""
     hp = {k: getattr(cfg, k) for k in ("dim", "hidden", "layers", "dropout", "init_std",
-                                       "members")}
+                                       "members", "reg_power")}
     hp["data_dir"] = str(cfg.data_dir)
     sparse = cfg.optimizer in ("sparse_adam", "adagrad")
     return family(cfg.model).from_config(hp, cfg.task, data.global_mean, data.rating_std,

@@ -16,7 +16,8 @@ defaults. The space is built around the resolved preset (``search_space``):
 - ``dim`` and ``hidden``: half, the preset's, or double;
 - ``layers``: the preset's tower with every size halved, as it is, or doubled;
 - ``dropout``: uniform over [0, 0.6];
-- ``n_negatives``: 1 to 16 (implicit pair models).
+- ``n_negatives``: 1 to 16 (implicit pair models);
+- ``reg_power``: uniform over [0, 1] (mf, explicit).
 
 Only the options the family reads (its ``options``; every family trained by epochs reads
 ``lr`` and ``reg``) and the user did not set on the command line are searched;
@@ -46,7 +47,7 @@ from .train_config import TrainConfig
 
 log = logging.getLogger("recpipe")
 
-TUNABLE = ("lr", "reg", "dim", "hidden", "layers", "dropout", "n_negatives")
+TUNABLE = ("lr", "reg", "dim", "hidden", "layers", "dropout", "n_negatives", "reg_power")
 RESULT = "tune.json"
 PRUNE_AFTER_TRIALS = 3       # the median pruner compares with this many finished trials,
 PRUNE_WARMUP = 0.25          # and never ends a trial in this share of --epochs (at least 3)
@@ -87,6 +88,8 @@ def search_space(cfg: TrainConfig, given: set[str]) -> dict[str, dict[str, Any]]
         space["layers"] = {"kind": "choice", "choices": [" ".join(map(str, t)) for t in towers]}
     if want("dropout"):
         space["dropout"] = {"kind": "float", "low": 0.0, "high": 0.6}
+    if want("reg_power") and cfg.task == "explicit":
+        space["reg_power"] = {"kind": "float", "low": 0.0, "high": 1.0}
     if (cfg.task == "implicit" and cls.batches == "pairs" and "n_negatives" in wanted
             and "n_negatives" not in given):
         space["n_negatives"] = {"kind": "int", "low": 1, "high": 16}

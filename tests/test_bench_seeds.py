@@ -214,3 +214,30 @@ def test_end_to_end_two_models_two_seeds(random_dir, tmp_path):
         res["models"]["deepmf"]["test"]["rmse"]["mean"]
         - res["models"]["mf"]["test"]["rmse"]["mean"])
     assert "paired bootstrap" in proc.stdout and "deepmf - mf" in proc.stdout
+
+
+def test_a_variant_trains_its_family_with_its_own_options(random_dir, tmp_path):
+    """--models LABEL=FAMILY with --variant-args: the variant's runs carry its options, the
+    plain label keeps the preset, and the pair compares them on the same test units."""
+    out = tmp_path / "variant.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "seeds.py"), "--data-dir", str(random_dir),
+         "--models", "mf", "mf_plain=mf", "--variant-args", "mf_plain=--reg-power 0",
+         "--seeds", "0", "--train-args", "--epochs 2 --threads 1", "--resamples", "200",
+         "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads(out.read_text())
+    assert res["variants"] == {"mf_plain": {"family": "mf", "args": ["--reg-power", "0"]}}
+    powers = {label: json.loads(Path(res["models"][label]["runs"][0]["metrics_json"])
+                                .read_text())["config"]["reg_power"]
+              for label in ("mf", "mf_plain")}
+    assert powers == {"mf": 0.5, "mf_plain": 0.0}
+    assert [(p["a"], p["b"]) for p in res["pairs"]] == [("mf_plain", "mf")]
+    assert (res["models"]["mf"]["test"]["rmse"]["mean"]
+            != res["models"]["mf_plain"]["test"]["rmse"]["mean"])
+
+
+def test_variant_args_must_name_a_variant(random_dir):
+    with pytest.raises(PipelineError, match="LABEL=OPTIONS with LABEL a variant"):
+        seeds.parse_args(["--data-dir", str(random_dir), "--models", "mf",
+                          "--variant-args", "mf=--reg 0.1"])

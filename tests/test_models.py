@@ -139,6 +139,58 @@ def test_biased_mf_row_gradients_match_dense(n_items, chunk, monkeypatch):
         torch.testing.assert_close(dense, w.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_reg_power_gradients_every_path_against_autograd():
+    """mf with reg_power: the per-row L2 factors (n / n_mean) ** -reg_power computed by hand
+    from the train counts; the autograd reference with them; the dense and row-compact
+    analytic gradients and the trainer's autograd path (the row L2 of family.look, scaled by
+    the table's l2_weight) all give its gradient."""
+    from recpipe.dataset import Part
+    from recpipe.objectives import RowL2
+    torch.manual_seed(2)
+    m = models.BiasedMF(N_USERS, N_ITEMS, dim=4, init_std=0.3, global_mean=3.0, scale=0.9,
+                        reg_power=0.5)
+    with torch.no_grad():
+        m.user_bias.weight.normal_(0, 0.2)
+        m.item_bias.weight.normal_(0, 0.2)
+    tu = torch.tensor([0, 0, 0, 0, 1, 2, 2, 3, 4])      # train counts 4 1 2 1 1 0 (user 5)
+    ti = torch.tensor([0, 1, 2, 3, 0, 0, 1, 4, 8])
+    m.learn_fallback(Part(users=tu, items=ti, ratings=torch.ones(9)), True, False)
+    nu = torch.tensor([4.0, 1, 2, 1, 1, 0])
+    fu = (nu.clamp_min(1) / (9 / 5)) ** -0.5             # 5 users with ratings, 9 ratings
+    torch.testing.assert_close(m.user_reg, fu)
+    assert float(m.reg_mean_count[0]) == pytest.approx(9 / 5)
+    u = torch.tensor([0, 0, 1, 5, 2])
+    i = torch.tensor([0, 3, 3, 8, 1])
+    r = torch.tensor([5.0, 1.0, 3.0, 4.0, 2.0])
+    reg = 0.3
+    fi = m.item_reg
+    loss = ((m(u, i) - r) / 0.9).square().mean()
+    pen = (fu[u] * (m.user_factors.weight[u].square().sum(1) + m.user_bias.weight[u, 0] ** 2)
+           + fi[i] * (m.item_factors.weight[i].square().sum(1) + m.item_bias.weight[i, 0] ** 2))
+    (loss + reg * pen.sum() / 5).backward()
+    want = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    m.mse_backward(u, i, r, reg)
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-5, atol=1e-7)
+    _, updates = m.mse_backward_rows(u, i, r, reg)
+    for w, rows, grad in updates:
+        dense = torch.zeros_like(w).index_copy_(0, rows, grad)
+        torch.testing.assert_close(dense, w.grad, rtol=1e-5, atol=1e-7)
+    m.zero_grad()
+    l2 = RowL2(m.row_sparse_tables())
+    l2.active = True
+    out = m(u, i)
+    l2.active = False
+    (((out - r) / 0.9).square().mean() + reg * l2.take(5)).backward()
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-5, atol=1e-7)
+    # reg_power 0 keeps every factor at 1 (the plain per-sample L2)
+    m0 = models.BiasedMF(N_USERS, N_ITEMS, dim=4)
+    m0.learn_fallback(Part(users=tu, items=ti, ratings=torch.ones(9)), True, False)
+    assert torch.equal(m0.user_reg, torch.ones(N_USERS))
+
+
 @pytest.mark.parametrize("name", ["mlp", "neumf"])
 def test_mlp_tower_starts_with_live_units(name):
     """With 0.01-scale embeddings the tower must not start half dead: torch's default biases
@@ -159,3 +211,33 @@ def test_mlp_tower_starts_with_live_units(name):
                     live.append(int((h > 0).any(0).sum()))
             assert m(u, i).std() > 0
         assert all(n >= w * 3 // 4 for n, w in zip(live, [64, 32, 16, 8])), (seed, live)
+
+
+def test_mf_fold_in_uses_the_training_l2_of_reg_power():
+    """The closed-form fold-in of mf with reg_power solves the ridge problem with the L2 that
+    training gave a user with that many ratings, reg * n * (n / n_mean) ** -reg_power."""
+    import numpy as np
+    from recpipe.dataset import Part
+    from recpipe.objectives import ExplicitMSE
+    torch.manual_seed(3)
+    m = models.BiasedMF(N_USERS, N_ITEMS, dim=3, init_std=0.4, global_mean=3.5, scale=1.2,
+                        reg_power=0.5)
+    tu = torch.tensor([0, 0, 0, 0, 1, 1, 2, 3])          # 8 ratings by 4 users: n_mean 2
+    m.learn_fallback(Part(users=tu, items=tu % N_ITEMS, ratings=torch.ones(8)), True, False)
+    users = np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1])   # 3 and 9 ratings
+    items = np.array([0, 2, 4, 0, 1, 2, 3, 4, 5, 6, 7, 8])
+    ratings = np.array([5.0, 1.0, 4.5, 4, 3, 2, 5, 1, 2, 3, 4, 5])
+    folded, method = m.fold_in(ExplicitMSE(1.2), 0.2, users, items, ratings, 2)
+    assert "** -0.5" in method
+    Q = m.item_factors.weight.detach().double().numpy()
+    bi = m.item_bias.weight.detach().double().numpy()[:, 0]
+    for u, n in ((0, 3), (1, 9)):
+        sel = users == u
+        x = np.c_[Q[items[sel]], np.ones(n)]
+        y = (ratings[sel] - 3.5) / 1.2 - bi[items[sel]]
+        lam = 0.2 * n * (n / 2.0) ** -0.5
+        theta = np.linalg.solve(x.T @ x + lam * np.eye(4), x.T @ y)
+        np.testing.assert_allclose(folded.user_factors.weight[u].double().numpy(), theta[:3],
+                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(float(folded.user_bias.weight[u, 0]), theta[3], rtol=1e-5,
+                                   atol=1e-6)

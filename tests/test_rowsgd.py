@@ -42,8 +42,9 @@ def _accumulators():
     return get, acc
 
 
-def _reference_epoch(m, order_u, order_i, order_z, acc, lr, reg):
-    """The documented update, one rating at a time in float64, in the given order."""
+def _reference_epoch(m, order_u, order_i, order_z, acc, lr, reg, ru=None, ri=None):
+    """The documented update, one rating at a time in float64, in the given order; ``ru`` /
+    ``ri``: each user's / item's multiplier of reg (None: 1)."""
     P = m.user_factors.weight.detach().double().numpy().copy()
     Q = m.item_factors.weight.detach().double().numpy().copy()
     bu = m.user_bias.weight.detach().double().numpy()[:, 0].copy()
@@ -51,19 +52,22 @@ def _reference_epoch(m, order_u, order_i, order_z, acc, lr, reg):
     G = [acc(w).double().numpy().copy() for w in (m.user_factors.weight, m.item_factors.weight,
                                                    m.user_bias.weight, m.item_bias.weight)]
     k = P.shape[1]
+    ru = np.ones(len(P)) if ru is None else ru
+    ri = np.ones(len(Q)) if ri is None else ri
     sq = 0.0
     for u, i, z in zip(order_u, order_i, order_z.astype(np.float64)):
         e = P[u] @ Q[i] + bu[u] + bi[i] - z
         sq += e * e
-        gp, gq = e * Q[i] + reg * P[u], e * P[u] + reg * Q[i]
+        lu, li = reg * ru[u], reg * ri[i]
+        gp, gq = e * Q[i] + lu * P[u], e * P[u] + li * Q[i]
         G[0][u] += gp @ gp / k
         G[1][i] += gq @ gq / k
         P[u] -= lr / np.sqrt(G[0][u]) * gp
         Q[i] -= lr / np.sqrt(G[1][i]) * gq
-        gb = e + reg * bu[u]
+        gb = e + lu * bu[u]
         G[2][u] += gb * gb
         bu[u] -= lr / np.sqrt(G[2][u]) * gb
-        gb = e + reg * bi[i]
+        gb = e + li * bi[i]
         G[3][i] += gb * gb
         bi[i] -= lr / np.sqrt(G[3][i]) * gb
     return sq, (P, Q, bu, bi), G
@@ -109,6 +113,40 @@ def test_the_kernel_is_the_documented_per_sample_update():
     assert (R.ou == first[0]).all() and (R.oi == first[1]).all()
     m.fused_epoch(users, items, ratings, 99, get2, 0.1, 0.05, 1, sc)
     assert not ((R.ou == first[0]).all() and (R.oi == first[1]).all())
+
+
+def test_reg_power_weighs_each_rows_l2_by_its_train_count():
+    """With reg_power the kernel's L2 on a row is reg * (n / n_mean) ** -reg_power, n the
+    row's train ratings: the reference update with those multipliers, computed here from the
+    counts by hand."""
+    m, users, items, ratings, g = _toy()
+    m = models.build_model("mf", m.n_users, m.n_items, dim=5, init_std=0.3, global_mean=3.2,
+                           scale=1.3, reg_power=0.5)
+    from recpipe.dataset import Part
+    m.learn_fallback(Part(users=users, items=items, ratings=ratings), True, False)
+    nu = np.bincount(users.numpy(), minlength=m.n_users).astype(np.float64)
+    ni = np.bincount(items.numpy(), minlength=m.n_items).astype(np.float64)
+    ru = (np.maximum(nu, 1) / nu[nu > 0].mean()) ** -0.5
+    ri = (np.maximum(ni, 1) / ni[ni > 0].mean()) ** -0.5
+    np.testing.assert_allclose(m.user_reg.numpy(), ru, rtol=1e-6)
+    np.testing.assert_allclose(m.item_reg.numpy(), ri, rtol=1e-6)
+    assert ru.max() / ru[nu > 0].min() > 2          # the counts differ enough to matter
+    ref = models.build_model("mf", m.n_users, m.n_items, dim=5, reg_power=0.5)
+    ref.load_state_dict(m.state_dict())
+    get2, acc2 = _accumulators()
+    sc: dict = {}
+    sq = m.fused_epoch(users, items, ratings, 7, get2, 0.1, 0.3, 1, sc)
+    R = sc["kernel"]
+    get, _ = _accumulators()
+    want_sq, want, _ = _reference_epoch(ref, R.ou, R.oi, R.oz, get, 0.1, 0.3, ru, ri)
+    plain_sq, plain, _ = _reference_epoch(ref, R.ou, R.oi, R.oz, _accumulators()[0], 0.1, 0.3)
+    assert sq == pytest.approx(want_sq, rel=1e-5)
+    got = (m.user_factors.weight, m.item_factors.weight, m.user_bias.weight,
+           m.item_bias.weight)
+    for w, r, p in zip(got, want, plain):
+        np.testing.assert_allclose(w.detach().numpy().reshape(r.shape), r, rtol=2e-5,
+                                   atol=2e-6)
+        assert np.abs(r - p).max() > 1e-3          # and it is not the plain update
 
 
 def test_the_result_does_not_depend_on_the_threads():

@@ -671,3 +671,15 @@ def test_min_delta_counts_only_gains_above_it(tmp_path, monkeypatch, min_delta, 
     assert t.best == rmse[epochs - 1]
     assert t.lr_factor == 0.5 ** lr_halvings
     assert t.mark == rmse[mark_k + 1]                # the last epoch that counted
+
+
+def test_reg_power_is_refused_where_it_does_not_apply():
+    """--reg-power scales mf's explicit L2: another family, or mf on the implicit task, is
+    told so instead of silently training without it; the presets fill it per task."""
+    with pytest.raises(PipelineError, match=r"--reg-power applies to --model mf only, got gmf"):
+        TrainConfig(model="gmf", reg_power=0.5).validate()
+    with pytest.raises(PipelineError, match="explicit objective's L2 per row"):
+        TrainConfig(model="mf", task="implicit", reg_power=0.5).resolved()
+    assert TrainConfig(model="mf").resolved().reg_power == 0.5
+    assert TrainConfig(model="mf", task="implicit").resolved().reg_power == 0.0
+    assert TrainConfig(model="gmf").resolved().reg_power == 0.0
