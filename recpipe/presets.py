@@ -7,9 +7,10 @@ preset, the validation numbers it was chosen on and the commands that produced t
 Units: ``reg`` is the per-sample L2 weight on the embedding rows a batch uses (in the
 model's standardised units: explicit models predict (r - mean) / std of the train ratings,
 so the same value carries over to another rating scale), and ``reg_power`` (mf explicit)
-scales it per row by (the row's train count / its side's mean count) ** -reg_power; ``init_std`` is the standard
-deviation of the embedding initialisation in the same units; ``batch_size`` counts training
-samples (for implicit: positives plus their sampled negatives); 0 means full batch.
+scales it per row by (the row's train count / its side's mean count) ** -reg_power;
+``init_std`` is the standard deviation of the embedding initialisation in the same units;
+``batch_size`` counts training samples (for implicit: positives plus their sampled
+negatives); 0 means full batch.
 """
 from __future__ import annotations
 
