@@ -76,7 +76,8 @@ class BiasedMF(_Base):
     The L2 of the explicit objective weighs each sample's rows by ``reg`` times a per-row
     factor (n / n_mean) ** -reg_power, n the row's train ratings and n_mean the mean over the
     rows of its side that have any (``user_reg``, ``item_reg``: set from the train part by
-    ``learn_fallback``, saved with the model). reg_power 0: every row's factor is 1 and a
+    ``learn_fallback`` in every run, not saved; the saved ``reg_mean_count`` keeps n_mean for
+    the fold-in). reg_power 0: every row's factor is 1 and a
     row's total penalty grows with its ratings (Funk, ALS-WR's weighted lambda); 1: every row
     gets the same total penalty (a plain Gaussian prior, weight decay). Between them, heavy
     users and popular items are shrunk less per rating than light ones."""
@@ -86,7 +87,8 @@ class BiasedMF(_Base):
                "reg_power": "the L2's per-row scaling by train count"}
     analytic_tasks = ("explicit",)
     fused_tasks = ("explicit",)
-    REG_BUFFERS = ("user_reg", "item_reg", "reg_mean_count")
+    reg_power_tasks = ("explicit",)
+    added_buffers = ("reg_mean_count",)
 
     @classmethod
     def from_config(cls, hp, task, global_mean, scale, sparse):
@@ -104,20 +106,15 @@ class BiasedMF(_Base):
         self.table("user", "user_bias", 1, None, sparse)
         self.table("item", "item_bias", 1, None, sparse)
         self.reg_power = float(reg_power)
-        self.register_buffer("user_reg", torch.ones(self.n_users))
-        self.register_buffer("item_reg", torch.ones(self.n_items))
+        # training state only, recomputed from the train part by every run (not saved)
+        self.register_buffer("user_reg", torch.ones(self.n_users), persistent=False)
+        self.register_buffer("item_reg", torch.ones(self.n_items), persistent=False)
         # the mean train ratings per user and per item with any (the fold-in's n_mean)
         self.register_buffer("reg_mean_count", torch.ones(2, dtype=torch.float64))
         if self.reg_power:        # the autograd path's row L2 (family.look) weighs rows too
             for name, buf in (("user_factors", "user_reg"), ("user_bias", "user_reg"),
                               ("item_factors", "item_reg"), ("item_bias", "item_reg")):
                 getattr(self, name).l2_weight = functools.partial(self._l2_weight, buf)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # models saved before reg_power: every factor 1 (what they were trained with)
-        for name in self.REG_BUFFERS:
-            state_dict.setdefault(prefix + name, getattr(self, name))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def learn_fallback(self, train, explicit: bool, negatives: bool) -> dict[str, int]:
@@ -202,16 +199,16 @@ class BiasedMF(_Base):
         scratch = {} if scratch is None else scratch
         n = max(1, int(users.shape[0]))
         c = 2.0 * float(reg) / n
-        sides = ((self.user_factors.weight, self.user_bias.weight, users),
-                 (self.item_factors.weight, self.item_bias.weight, items))
-        for w, b, idx in sides:
+        sides = ((self.user_factors.weight, self.user_bias.weight, users, self.user_reg),
+                 (self.item_factors.weight, self.item_bias.weight, items, self.item_reg))
+        for w, b, idx, factor in sides:
             # the L2 term summed over a batch is c * (uses of the row) * row: one pass over
             # each table plus a bincount (cheaper than adding c * row per sample, and than
             # index_add_ with alpha, which takes a slow path on CPU)
             uses = (torch.bincount(idx, minlength=w.shape[0]).to(w.dtype).mul_(c).unsqueeze(1)
                     if c else None)
             if c and self.reg_power:
-                uses.mul_(self._row_factor(w).unsqueeze(1))
+                uses.mul_(factor.to(w.dtype).unsqueeze(1))
             for x in (w, b):
                 if x.grad is None or x.grad.is_sparse:
                     x.grad = torch.empty_like(x)
@@ -224,7 +221,7 @@ class BiasedMF(_Base):
             sq += e.square().sum()
             g = e.mul_(2.0 / n)                                         # dMSE/de, [m, 1]
             t = scratch["t"][:g.shape[0]]
-            for (w, b, idx), other in zip(sides, (q, p)):
+            for (w, b, idx, _), other in zip(sides, (q, p)):
                 w.grad.index_add_(0, idx[sl], torch.mul(other, g, out=t))
                 b.grad.index_add_(0, idx[sl], g)
         return sq / n
@@ -242,35 +239,31 @@ class BiasedMF(_Base):
         n = max(1, int(users.shape[0]))
         c = 2.0 * float(reg) / n
         sides = []
-        for w, b, idx in ((self.user_factors.weight, self.user_bias.weight, users),
-                          (self.item_factors.weight, self.item_bias.weight, items)):
+        for w, b, idx, factor in (
+                (self.user_factors.weight, self.user_bias.weight, users, self.user_reg),
+                (self.item_factors.weight, self.item_bias.weight, items, self.item_reg)):
             rows, inv = distinct_rows(idx, w.shape[0], ascending=True)
             sides.append((w, b, rows, inv, w.new_zeros((rows.shape[0], w.shape[1])),
-                          b.new_zeros((rows.shape[0], 1))))
+                          b.new_zeros((rows.shape[0], 1)), factor))
         sq = self.user_factors.weight.new_zeros(())
         for sl, p, q, e in self._residual_chunks(users, items, ratings, scratch):
             sq += e.square().sum()
             g = e.mul_(2.0 / n)
             t = scratch["t"][:g.shape[0]]
-            for (w, b, rows, inv, gw, gb), other in zip(sides, (q, p)):
+            for (w, b, rows, inv, gw, gb, _), other in zip(sides, (q, p)):
                 gw.index_add_(0, inv[sl], torch.mul(other, g, out=t))
                 gb.index_add_(0, inv[sl], g)
         out = []
-        for w, b, rows, inv, gw, gb in sides:
+        for w, b, rows, inv, gw, gb, factor in sides:
             if c:
                 uses = torch.bincount(inv, minlength=rows.shape[0]).to(w.dtype)
                 if self.reg_power:
-                    uses.mul_(self._row_factor(w).index_select(0, rows))
+                    uses.mul_(factor.index_select(0, rows).to(w.dtype))
                 uses = uses.mul_(c).unsqueeze(1)
                 gw.addcmul_(w.detach().index_select(0, rows), uses)
                 gb.addcmul_(b.detach().index_select(0, rows), uses)
             out += [(w, rows, gw), (b, rows, gb)]
         return sq / n, out
-
-    def _row_factor(self, w: torch.Tensor) -> torch.Tensor:
-        """The L2 factors of the side whose factor table is ``w``, in its dtype."""
-        side = self.user_reg if w is self.user_factors.weight else self.item_reg
-        return side.to(w.dtype)
 
     def analytic_grad(self, users, items, ratings, reg, scratch, rows):
         """The explicit objective's loss and gradient: dense ``.grad`` (``rows=False``) or
@@ -297,8 +290,9 @@ class BiasedMF(_Base):
                 users.numpy(), items.numpy(), ratings.to(torch.float32).numpy(),
                 self._standardise))
         U, V = (kernels.pack(*a) for a in arrays)
-        rows = (self.user_reg.numpy(), self.item_reg.numpy()) if self.reg_power else None
-        sq = scratch["kernel"].epoch(seed, U, V, lr, reg, threads, rows)
+        # the L2's row factors (all 1 without reg_power)
+        sq = scratch["kernel"].epoch(seed, U, V, lr, reg, threads,
+                                     (self.user_reg.numpy(), self.item_reg.numpy()))
         for packed, a in zip((U, V), arrays):
             kernels.unpack(packed, *a)
         return sq

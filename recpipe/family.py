@@ -266,6 +266,10 @@ class Family(nn.Module):
     analytic_tasks: ClassVar[tuple[str, ...]] = ()
     fused_tasks: ClassVar[tuple[str, ...]] = ()         # tasks fused_epoch (rowsgd) trains
     pretrain_from: ClassVar[tuple[str, ...]] = ()      # families whose models init this one
+    reg_power_tasks: ClassVar[tuple[str, ...]] = ()    # tasks whose L2 --reg-power scales
+    # buffers a family added after checkpoints existed: an older checkpoint without them
+    # loads with the model's current values (besides FALLBACK_BUFFERS, every family's)
+    added_buffers: ClassVar[tuple[str, ...]] = ()
     score_label: ClassVar[str | None] = None   # what stage 70's score means (None: the objective's)
 
     def __init__(self, n_users: int, n_items: int, global_mean: float = 0.0,
@@ -287,7 +291,7 @@ class Family(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # checkpoints from before the fallback buffers: keep the current values (all known)
-        for name in FALLBACK_BUFFERS:
+        for name in FALLBACK_BUFFERS + self.added_buffers:
             state_dict.setdefault(prefix + name, getattr(self, name))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

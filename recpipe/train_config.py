@@ -225,7 +225,7 @@ class TrainConfig:
         for k, v in values.items():
             if getattr(cfg, k) is None:
                 setattr(cfg, k, copy.deepcopy(v))
-        if cfg.reg_power and cfg.task != "explicit":
+        if cfg.reg_power and cfg.task not in family(cfg.model).reg_power_tasks:
             raise PipelineError(f"--reg-power scales the explicit objective's L2 per row; "
                                 f"this run trains {cfg.model} for the {cfg.task} task (drop "
                                 f"--reg-power, or add --task explicit)")

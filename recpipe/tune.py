@@ -88,7 +88,7 @@ def search_space(cfg: TrainConfig, given: set[str]) -> dict[str, dict[str, Any]]
         space["layers"] = {"kind": "choice", "choices": [" ".join(map(str, t)) for t in towers]}
     if want("dropout"):
         space["dropout"] = {"kind": "float", "low": 0.0, "high": 0.6}
-    if want("reg_power") and cfg.task == "explicit":
+    if want("reg_power") and cfg.task in cls.reg_power_tasks:
         space["reg_power"] = {"kind": "float", "low": 0.0, "high": 1.0}
     if (cfg.task == "implicit" and cls.batches == "pairs" and "n_negatives" in wanted
             and "n_negatives" not in given):

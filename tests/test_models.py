@@ -241,3 +241,15 @@ def test_mf_fold_in_uses_the_training_l2_of_reg_power():
                                    rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(float(folded.user_bias.weight[u, 0]), theta[3], rtol=1e-5,
                                    atol=1e-6)
+
+
+def test_mf_saves_only_the_fold_ins_l2_state_and_loads_older_checkpoints():
+    """The per-row L2 factors are recomputed by every run (not in the state dict); the
+    fold-in's n_mean is saved, and a checkpoint from before it loads with the default."""
+    m = models.BiasedMF(N_USERS, N_ITEMS, dim=3, reg_power=0.5)
+    state = m.state_dict()
+    assert "user_reg" not in state and "item_reg" not in state and "reg_mean_count" in state
+    del state["reg_mean_count"]
+    fresh = models.BiasedMF(N_USERS, N_ITEMS, dim=3, reg_power=0.5)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.reg_mean_count, torch.ones(2, dtype=torch.float64))

@@ -73,6 +73,19 @@ def _reference_epoch(m, order_u, order_i, order_z, acc, lr, reg, ru=None, ri=Non
     return sq, (P, Q, bu, bi), G
 
 
+def _tables(m):
+    """mf's four trained tables, in the reference's order (P, Q, b_u, b_i)."""
+    return (m.user_factors.weight, m.item_factors.weight, m.user_bias.weight,
+            m.item_bias.weight)
+
+
+def _assert_tables_are(m, want):
+    """Each of ``m``'s tables equals the reference's (float64, in its shape)."""
+    for w, r in zip(_tables(m), want):
+        np.testing.assert_allclose(w.detach().numpy().reshape(r.shape), r, rtol=2e-5,
+                                   atol=2e-6)
+
+
 def test_the_kernel_is_the_documented_per_sample_update():
     from recpipe.optim import ROWSGD_INITIAL
     m, users, items, ratings, g = _toy()
@@ -95,11 +108,8 @@ def test_the_kernel_is_the_documented_per_sample_update():
     get, _ = _accumulators()
     want_sq, want, want_g = _reference_epoch(ref, R.ou, R.oi, R.oz, get, 0.1, 0.05)
     assert sq == pytest.approx(want_sq, rel=1e-5)
-    got = (m.user_factors.weight, m.item_factors.weight, m.user_bias.weight,
-           m.item_bias.weight)
-    for w, r, gref in zip(got, want, want_g):
-        np.testing.assert_allclose(w.detach().numpy().reshape(r.shape), r, rtol=2e-5,
-                                   atol=2e-6)
+    _assert_tables_are(m, want)
+    for w, gref in zip(_tables(m), want_g):
         np.testing.assert_allclose(acc2[w].numpy(), gref, rtol=2e-5)
     # every row a rating touched moved; rows without ratings did not
     touched = np.zeros(m.n_users, bool)
@@ -141,11 +151,8 @@ def test_reg_power_weighs_each_rows_l2_by_its_train_count():
     want_sq, want, _ = _reference_epoch(ref, R.ou, R.oi, R.oz, get, 0.1, 0.3, ru, ri)
     plain_sq, plain, _ = _reference_epoch(ref, R.ou, R.oi, R.oz, _accumulators()[0], 0.1, 0.3)
     assert sq == pytest.approx(want_sq, rel=1e-5)
-    got = (m.user_factors.weight, m.item_factors.weight, m.user_bias.weight,
-           m.item_bias.weight)
-    for w, r, p in zip(got, want, plain):
-        np.testing.assert_allclose(w.detach().numpy().reshape(r.shape), r, rtol=2e-5,
-                                   atol=2e-6)
+    _assert_tables_are(m, want)
+    for r, p in zip(want, plain):
         assert np.abs(r - p).max() > 1e-3          # and it is not the plain update
 
 
