@@ -115,6 +115,26 @@ def test_similarities_and_predictions_match_plain_loops(k, lam, path, monkeypatc
         np.testing.assert_allclose(got, pred, atol=2e-5, rtol=0)
 
 
+def test_the_correlation_pass_reads_the_models_own_float32_residuals():
+    """No copy of the ratings beside the model's: the CSR the sparse products read is the
+    model's stored residuals (float32) and item ids, and the products are float32."""
+    part, nu, ni = _table()
+    m = family("knn")(nu, ni, dim=3, global_mean=float(part.ratings.mean()))
+    m.learn_fallback(part, True, False)
+    z = m._store_residuals(*m._residuals(part))
+    assert z.dtype == np.float32 and z.nnz == len(part)
+    assert np.shares_memory(z.data, m.resid.numpy())
+    assert np.shares_memory(z.indices, m.rated.numpy())
+    rho, cnt = knn.correlations(z)
+    assert rho.dtype == cnt.dtype == torch.float32
+    # the co-rater counts are exact: the mask's own product
+    mask = np.zeros((nu, ni))
+    mask[part.users.numpy(), part.items.numpy()] = 1
+    co = mask.T @ mask
+    np.fill_diagonal(co, 0)
+    assert np.array_equal(cnt.numpy()[co >= 2], co[co >= 2])
+
+
 def test_fold_in_of_a_known_users_own_ratings_reproduces_that_user():
     """The baseline's last step is the user's bias given the item biases: folding a trained
     user's own ratings in gives the same bias, residuals and predictions."""
