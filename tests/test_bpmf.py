@@ -43,6 +43,20 @@ def test_precision_and_weighted_sums_match_dense(block, monkeypatch):
     torch.testing.assert_close(dense_p[1], torch.tensor([[9.0, 1.5], [1.5, 0.25]], dtype=DT))
 
 
+@pytest.mark.parametrize("block", [bayes.BLOCK_BYTES, 64, 200])
+def test_pair_dots_in_chunks_are_the_per_rating_dot_products(block, monkeypatch):
+    """p_u . q_i of every rating, whatever the chunk (k = 4 in float64: 64 bytes, one rating
+    a chunk; 200 bytes, chunks of three, the last one short), against a loop."""
+    monkeypatch.setattr(bayes, "BLOCK_BYTES", block)
+    gen = torch.Generator().manual_seed(0)
+    P = torch.randn(5, 4, generator=gen, dtype=DT)
+    Q = torch.randn(3, 4, generator=gen, dtype=DT)
+    users = torch.tensor([0, 4, 4, 2, 1, 0, 3], dtype=torch.int32)
+    items = torch.tensor([2, 0, 1, 1, 2, 0, 2], dtype=torch.int32)
+    want = torch.stack([P[u] @ Q[i] for u, i in zip(users.tolist(), items.tolist())])
+    torch.testing.assert_close(bayes.pair_dots(P, Q, users, items), want)
+
+
 def test_row_draws_have_the_closed_form_posterior():
     """One 2-d row with sum q q' = diag(2, 1), sum z q = (1, 1), alpha 1 and a standard prior:
     the posterior is N((1/3, 1/2), diag(1/3, 1/2)). 40,000 independent draws match it."""
