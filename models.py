@@ -117,19 +117,15 @@ class BiasedMF(_Base):
                 getattr(self, name).l2_weight = functools.partial(self._l2_weight, buf)
 
     @torch.no_grad()
-    def learn_fallback(self, train, explicit: bool, negatives: bool) -> dict[str, int]:
-        """The base class's record of the rows with training data, and the L2's per-row
-        factors from the same train counts (class docstring)."""
-        out = super().learn_fallback(train, explicit, negatives)
-        dev = self.user_reg.device
-        for j, (idx, n, buf) in enumerate(((train.users, self.n_users, self.user_reg),
-                                           (train.items, self.n_items, self.item_reg))):
-            counts = torch.bincount(idx.to(dev).long(), minlength=n).double()
+    def learn_row_counts(self, user_counts: torch.Tensor, item_counts: torch.Tensor) -> None:
+        """The L2's per-row factors from the train counts (class docstring)."""
+        for j, (counts, buf) in enumerate(((user_counts, self.user_reg),
+                                           (item_counts, self.item_reg))):
+            counts = counts.double()
             seen = counts > 0
             mean = float(counts[seen].mean()) if bool(seen.any()) else 1.0
             self.reg_mean_count[j] = mean
             buf.copy_(self.count_factor(counts, mean))
-        return out
 
     def _l2_weight(self, buf: str, idx: torch.Tensor) -> torch.Tensor:
         return getattr(self, buf)[idx]
@@ -205,10 +201,9 @@ class BiasedMF(_Base):
             # the L2 term summed over a batch is c * (uses of the row) * row: one pass over
             # each table plus a bincount (cheaper than adding c * row per sample, and than
             # index_add_ with alpha, which takes a slow path on CPU)
-            uses = (torch.bincount(idx, minlength=w.shape[0]).to(w.dtype).mul_(c).unsqueeze(1)
-                    if c else None)
-            if c and self.reg_power:
-                uses.mul_(factor.to(w.dtype).unsqueeze(1))
+            # each row's uses times its L2 factor (1 without reg_power)
+            uses = (torch.bincount(idx, minlength=w.shape[0]).to(w.dtype)
+                    .mul_(factor.to(w.dtype)).mul_(c).unsqueeze(1) if c else None)
             for x in (w, b):
                 if x.grad is None or x.grad.is_sparse:
                     x.grad = torch.empty_like(x)
@@ -257,9 +252,7 @@ class BiasedMF(_Base):
         for w, b, rows, inv, gw, gb, factor in sides:
             if c:
                 uses = torch.bincount(inv, minlength=rows.shape[0]).to(w.dtype)
-                if self.reg_power:
-                    uses.mul_(factor.index_select(0, rows).to(w.dtype))
-                uses = uses.mul_(c).unsqueeze(1)
+                uses = uses.mul_(factor.index_select(0, rows).to(w.dtype)).mul_(c).unsqueeze(1)
                 gw.addcmul_(w.detach().index_select(0, rows), uses)
                 gb.addcmul_(b.detach().index_select(0, rows), uses)
             out += [(w, rows, gw), (b, rows, gb)]

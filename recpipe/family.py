@@ -407,6 +407,7 @@ class Family(nn.Module):
         self.known_user.copy_(cu > 0)
         self.known_item.copy_(ci > 0 if explicit or not negatives
                               else torch.ones_like(self.known_item))
+        self.learn_row_counts(cu, ci)
         self.base_user.zero_()
         self.base_item.zero_()
         if not self._has_bias_tables():
@@ -420,6 +421,10 @@ class Family(nn.Module):
                 self.base_item.copy_(torch.log((ci.double() + 1) / (float(ci.max()) + 1)))
         return {"unknown_users": int((~self.known_user).sum()),
                 "unknown_items": int((~self.known_item).sum())}
+
+    def learn_row_counts(self, user_counts: torch.Tensor, item_counts: torch.Tensor) -> None:
+        """Optional: state a family derives from each row's train count (``learn_fallback``
+        calls it with the counts it computed, in every run)."""
 
     def _has_bias_tables(self) -> bool:
         return "user_bias" in self._user_names and "item_bias" in self._item_names
