@@ -368,6 +368,30 @@ def weighted_history(data: Data, part: str, half_life: float) -> sp.csr_matrix:
     return _weighted(csr, rank, half_life)
 
 
+def pair_recency_weights(data: Data, half_life: float, floor: float,
+                         merged: bool = False) -> torch.Tensor:
+    """One loss weight per row of ``data.train`` (float32, on its device) for the implicit
+    pair objective (``--recency``): floor + (1 - floor) * 0.5 ** (r / half_life), r the
+    user's train interactions later than this one (``recency_ranks``: the latest weighs 1).
+    ``merged``: ``data.train`` is the refit's train + valid (``with_valid_in_train``), whose
+    ranks count the validation interaction too. The weights are looked up by (user, item),
+    so any row order of the part works."""
+    require_times(data)
+    hist = weighted_history(data, "test" if merged else "valid", half_life)
+    if not hist.has_sorted_indices:          # keys in CSR order, aligned with the weights
+        hist = hist.sorted_indices()         # (a copy: the cached pattern stays as it is)
+    keys = torch.from_numpy(csr_keys(hist, data.n_items))
+    w = torch.from_numpy(hist.data)
+    tr = data.train
+    want = tr.users.cpu().long() * data.n_items + tr.items.cpu().long()
+    pos = torch.searchsorted(keys, want).clamp(max=max(len(keys) - 1, 0))
+    if len(keys) == 0 or not bool((keys[pos] == want).all()):
+        raise PipelineError(f"{data.source}: the train pairs and stage 40's timestamped "
+                            f"interactions (train_implicit.npz, train_time.npy) disagree; "
+                            f"rerun `{rerun_command(data.source.parent, STAGE40)}`")
+    return (floor + (1.0 - floor) * w[pos]).to(tr.users.device)
+
+
 def is_member(keys_sorted: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Bool mask: which ``keys`` occur in the sorted 1-D tensor ``keys_sorted``."""
     if keys_sorted.numel() == 0:

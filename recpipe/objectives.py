@@ -6,6 +6,8 @@ as the reference any analytic gradient path is tested against.
   network``), so learning rates and L2 carry over between rating scales.
 - ``implicit``: binary cross-entropy on logits, each positive with ``n_negatives`` items the
   user has not interacted with, drawn uniformly and vectorised (``dataset.sample_negatives``).
+  Optionally weighted per positive (``--recency``: ``dataset.pair_recency_weights``), each
+  negative carrying its positive's weight; the weighted mean keeps the step's scale.
 - the row L2 shared by both: ``reg`` times the squared norm of every embedding row a sample
   looks up, divided by the samples in the batch (``RowL2``).
 
@@ -93,8 +95,22 @@ class ImplicitBCE(Objective):
                        torch.zeros(neg.numel(), device=users.device)])
         return uu, ii, y
 
-    def loss(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return nn.functional.binary_cross_entropy_with_logits(out, target)
+    def sample_weights(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weights of ``expand``'s samples from one weight per positive: each negative
+        carries its positive's."""
+        return torch.cat([weight, weight.repeat_interleave(self.n_negatives)])
+
+    def loss(self, out: torch.Tensor, target: torch.Tensor,
+             weight: torch.Tensor | None = None,
+             total: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean BCE; with ``weight`` (``sample_weights``), sum(w * bce) / sum(w), so a
+        batch of old interactions does not take a smaller step than one of recent ones.
+        ``total``: the denominator instead of sum(w) (under torchrun, a rank's share of the
+        global batch's weight, so that the ranks' gradients add up to one process's)."""
+        if weight is None:
+            return nn.functional.binary_cross_entropy_with_logits(out, target)
+        each = nn.functional.binary_cross_entropy_with_logits(out, target, reduction="none")
+        return (each * weight).sum() / (weight.sum() if total is None else total)
 
     def score_label(self, rating_scale: tuple[float, float]) -> str:
         return "score = the model's logit for an interaction"

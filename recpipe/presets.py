@@ -22,7 +22,7 @@ DEFAULT_MODEL = "mf"        # --model of stages 60 and 70 when not given
 _COMMON: dict[str, Any] = {
     "optimizer": "adam", "momentum": 0.9, "lr_schedule": "plateau", "lr_decay": 0.5,
     "patience": 4, "min_delta": 0.0, "dropout": 0.0, "n_negatives": 4, "hidden": 64,
-    "layers": [64, 32, 16, 8], "reg_power": 0.0,
+    "layers": [64, 32, 16, 8], "reg_power": 0.0, "recency_floor": 0.3,
 }
 
 # every family trained on (user, item) pairs takes --optimizer auto (train_config.for_data):
@@ -59,9 +59,11 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("mlp", "implicit"): {"layers": [128, 64, 32, 16], "dropout": 0.2, "lr": 1.5e-3,
                           "batch_size": 1024, "reg": 5e-4, "n_negatives": 10, "init_std": 0.01,
                           "epochs": 30, "optimizer": "auto"},
+    # recency_latest: --recency on the splits that hold out each user's latest (loo, ncf;
+    # train_config.resolved), chosen on ML-100K's and ml-latest-small's loo validation
     ("neumf", "implicit"): {"dim": 16, "layers": [64, 32, 16, 8], "lr": 1e-3,
                             "batch_size": 1024, "reg": 0.0, "init_std": 0.01, "epochs": 30,
-                            "n_negatives": 8, "optimizer": "auto"},
+                            "n_negatives": 8, "optimizer": "auto", "recency_latest": 5.0},
     # closed form: no reg here, so stage 60 chooses it on validation from EASE.reg_grid
     # (recpipe/ease.py); --reg fixes one value. epochs: one fit (per reg candidate)
     ("ease", "implicit"): {"epochs": 1},

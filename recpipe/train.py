@@ -45,8 +45,8 @@ from .artifacts import StageOutput, read_manifest, stage_dir, upstream_entry, wr
 from .checkpoint import load_model, resolve_device, rng_state, save, set_rng_state
 from .cli import (PipelineError, command_line, config_dict, parse_config,
                   print_config, progress_disabled, set_seed, training_numerics)
-from .dataset import (STAGE40, Data, KeySet, has_times, load_data, require_times,
-                      sample_users, with_valid_in_train)
+from .dataset import (STAGE40, Data, KeySet, has_times, load_data, pair_recency_weights,
+                      require_times, sample_users, with_valid_in_train)
 from . import distributed, tune
 from .distributed import derived_seed, table_names
 from .evaluation import evaluate, metric_line, selection_metric
@@ -54,7 +54,7 @@ from .family import Family, distinct_rows, family
 from .objectives import RowL2, for_task
 from .optim import Optimizers
 from .train_config import (AUTO_ROWS_PER_SAMPLE, TrainConfig, decide_task,  # noqa: F401
-                           for_data, model_args, rowsgd_eligible)
+                           for_data, model_args, rowsgd_eligible, weights_pairs_by_recency)
 from .report import plot_curve, write_history
 
 __all__ = ["TrainConfig", "Trainer", "run", "main", "load_model", "decide_task", "for_data"]
@@ -96,6 +96,12 @@ class Trainer:
             self._load_pretrained()
         self.objective = for_task(cfg.task, scale=float(data.rating_std),
                                   n_negatives=cfg.n_negatives)
+        # --recency on the implicit pair objective: one loss weight per train row (the
+        # refit's rows count the validation interactions among the later ones)
+        self.weights = (pair_recency_weights(data, cfg.recency, cfg.recency_floor,
+                                             merged=is_refit)
+                        if cfg.recency and weights_pairs_by_recency(cfg.model, cfg.task)
+                        else None)
         # rows without train data are scored by a baseline (family.py): record them
         self.model.learn_fallback(data.train, self.objective.needs_ratings,
                                   self.objective.draws_negatives)
@@ -308,12 +314,21 @@ class Trainer:
         dist = self.dist
         neg_gen = self._rank_draws() if dist.world > 1 else self.gen
         for s in bar:
-            idx, share = self._my_chunk(perm[s:s + pos_per_batch])
+            batch = perm[s:s + pos_per_batch]
+            idx, share = self._my_chunk(batch)
             # index_select: ~8x faster than users[idx]; the batch's ids widened to int64 (the
             # parts hold int32, dataset.id_dtype), as the models and the keys expect
             u = tr.users.index_select(0, idx).long()
             i = tr.items.index_select(0, idx).long()
             r = tr.ratings.index_select(0, idx)
+            w = total = None
+            if self.weights is not None:
+                w = objective.sample_weights(self.weights.index_select(0, idx))
+                if dist.world > 1:
+                    # each rank divides by its share of the global batch's weight, so that
+                    # the share-weighted sum of the ranks' gradients is one process's
+                    total = (self.weights.index_select(0, batch.long()).sum()
+                             * (per * share) if share > 0 else None)
             if manual:
                 loss, updates = model.analytic_grad(u, i, r, cfg.reg, scratch, rows_path)
                 if rows_path:
@@ -329,7 +344,8 @@ class Trainer:
             self.l2.active = cfg.reg > 0
             compact = self._compact(rows_compact)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_amp):
-                loss = objective.loss(model(uu, ii).float(), y)
+                out = model(uu, ii).float()
+                loss = objective.loss(out, y) if w is None else objective.loss(out, y, w, total)
             total = loss + cfg.reg * self.l2.take(uu.shape[0]) if cfg.reg > 0 else loss
             self.l2.active = False
             self.opt.zero_grad()
@@ -704,7 +720,12 @@ def run(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     if cfg.tune and cls.fit_by != "epochs":
         raise PipelineError(f"--tune: --model {cfg.model} is fitted in closed form and "
                             f"already chooses its --reg on validation (one fit per candidate)")
-    cfg = dataclasses.replace(cfg, task=task).resolved(device=dev, one_process=not dist.multi)
+    # stage 30 records the task "implicit" for the splits that hold out each user's latest
+    # interactions (loo, ncf): the presets' recency holds there, where stage 40 wrote the
+    # train timestamps it is computed from
+    latest = up40.get("task") == "implicit" and "train" in (up40.get("times") or [])
+    cfg = dataclasses.replace(cfg, task=task).resolved(
+        device=dev, one_process=not dist.multi, latest_held_out=latest)
     print_config(cfg, PROG)
     data = load_data(cfg.data_dir, cfg.task, dev)
     final_dir = stage_dir(cfg.data_dir, STAGE) / cfg.model

@@ -15,7 +15,7 @@ from .cli import PipelineError, opt
 from .dataset import Data
 from .family import REGISTRY, Family, family
 from .objectives import OBJECTIVES, for_task
-from .presets import DEFAULT_MODEL, ROWSGD, preset
+from .presets import DEFAULT_MODEL, PRESETS, ROWSGD, preset
 
 log = logging.getLogger("recpipe")
 
@@ -29,6 +29,15 @@ def _uses(option: str) -> str:
     """What ``option`` means for each family that reads it (for --help)."""
     return "; ".join(f"{n}: {c.options[option]}" for n, c in REGISTRY.items()
                      if option in c.options)
+
+
+def weights_pairs_by_recency(model: str, task: str) -> bool:
+    """Whether ``--recency`` weighs ``model``'s loss on ``task``: the implicit objective of
+    the families trained by epochs on (user, item) pairs (``dataset.pair_recency_weights``);
+    EASE instead weighs the history it scores from (its own ``recency`` option)."""
+    cls = family(model)
+    return (task == "implicit" and "implicit" in cls.tasks and cls.batches == "pairs"
+            and cls.fit_by == "epochs" and "recency" not in cls.options)
 
 
 @dataclasses.dataclass
@@ -84,9 +93,21 @@ class TrainConfig:
                                      "(Funk, ALS-WR); 1 = one total L2 per row, whatever its "
                                      "ratings (" + _uses("reg_power") + "; explicit task)"
                                      + PRESET)
-    recency: Optional[float] = opt(None, "weigh a user's history by recency at scoring time, "
-                                   "this half-life in interactions (" + _uses("recency")
-                                   + "); 0 = off")
+    recency: Optional[float] = opt(None, "weigh a user's interactions by recency, this "
+                                   "half-life in interactions; 0 = off. " + _uses("recency")
+                                   + "; the implicit task of the pair models (" + ", ".join(
+                                       n for n in REGISTRY
+                                       if weights_pairs_by_recency(n, "implicit"))
+                                   + "): each positive's loss, with its negatives', weighs "
+                                   "F + (1 - F) * 0.5 ** (r / half-life), r the user's later "
+                                   "train interactions and F --recency-floor; default: the "
+                                   "preset's (" + ", ".join(sorted({m for (m, _), v in
+                                                                    PRESETS.items()
+                                                                    if "recency_latest" in v}))
+                                   + ") on a split that holds out each user's latest (loo, "
+                                   "ncf), else 0")
+    recency_floor: Optional[float] = opt(None, "--recency, pair models: the weight, 0-1, that "
+                                         "a user's oldest interactions keep" + PRESET)
     n_negatives: Optional[int] = opt(None, "implicit: sampled negatives per positive, "
                                      "redrawn every epoch" + PRESET)
     lr_schedule: Optional[str] = opt(None, "plateau (multiply lr by --lr-decay when validation "
@@ -167,6 +188,9 @@ class TrainConfig:
                 continue                  # a limit the family defines (knn: inf)
             if v is not None and not (v >= 0 and math.isfinite(v)):
                 raise PipelineError(f"--{name.replace('_', '-')} must be >= 0, got {v}")
+        if self.recency_floor is not None and not 0 <= self.recency_floor <= 1:
+            raise PipelineError(f"--recency-floor must be between 0 and 1, got "
+                                f"{self.recency_floor}")
         if not (self.dist_timeout > 0 and math.isfinite(self.dist_timeout)):
             raise PipelineError(f"--dist-timeout must be a positive number of seconds, got "
                                 f"{self.dist_timeout}")
@@ -201,14 +225,18 @@ class TrainConfig:
                                 f"got {self.model}")
 
     def resolved(self, split_task: str | None = None, device: Any = None,
-                 one_process: bool = True) -> "TrainConfig":
+                 one_process: bool = True, latest_held_out: bool = False) -> "TrainConfig":
         """A copy with the task decided (``decide_task``) and every unset option filled from
         the preset.
 
         With ``device`` given (stage 60 passes the one it trains on), ``--optimizer auto``
         is decided here when it means rowsgd (``rowsgd_eligible``): rowsgd's own preset
         values (``presets.ROWSGD``: its learning rate) then fill the options the user did
-        not give. Otherwise auto is decided from the data by ``for_data``."""
+        not give. Otherwise auto is decided from the data by ``for_data``.
+
+        ``latest_held_out``: the split holds out each user's latest interactions by their
+        timestamps (stage 60 passes it for loo and ncf splits with timestamps); a preset's
+        ``recency_latest`` is the ``--recency`` there, 0 elsewhere."""
         cfg = dataclasses.replace(self)
         cfg.task = decide_task(cfg.task, family(cfg.model), split_task)
         if cfg.batch_scale is None:
@@ -222,9 +250,21 @@ class TrainConfig:
                      "process; recpipe/kernels.py)")
         if chosen == "rowsgd":
             values = {**values, **ROWSGD.get((cfg.model, cfg.task), {})}
+        # the preset's recency holds where the held-out items are each user's latest
+        # (``latest_held_out``: stage 30's loo and ncf splits); 0 elsewhere
+        latest = values.pop("recency_latest", None)
+        if cfg.recency is None and latest is not None:
+            cfg.recency = float(latest) if latest_held_out else 0.0
         for k, v in values.items():
             if getattr(cfg, k) is None:
                 setattr(cfg, k, copy.deepcopy(v))
+        if not cfg.recency and self.recency_floor is None:
+            cfg.recency_floor = None      # read with --recency only (and resume compares it)
+        if cfg.recency and "recency" not in family(cfg.model).options and not \
+                weights_pairs_by_recency(cfg.model, cfg.task):
+            raise PipelineError(f"--recency weighs EASE's history or the implicit loss of the "
+                                f"pair models; --model {cfg.model} on the {cfg.task} task has "
+                                f"neither (drop --recency)")
         if cfg.reg_power and cfg.task not in family(cfg.model).reg_power_tasks:
             raise PipelineError(f"--reg-power scales the explicit objective's L2 per row; "
                                 f"this run trains {cfg.model} for the {cfg.task} task (drop "

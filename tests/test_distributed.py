@@ -173,10 +173,13 @@ def test_replica_checksums_are_equal_at_every_epoch_end(runs, label):
 
 
 def test_neumf_at_its_preset_reaches_the_single_process_metrics(runs):
-    """Implicit training draws its negatives per rank, so the runs differ; the test HR@10
-    after the same epochs stays within 0.01 of one process."""
+    """Implicit training draws its negatives per rank, so the runs differ as two seeds of
+    one process do; the test HR@10 after the same epochs stays within that spread. One
+    process at this preset (3 epochs, ML-100K loo, its recency-weighted loss) gave 0.6140,
+    0.5854 and 0.6098 with seeds 0, 1, 2: a spread of 0.029. (The loss's weighting itself is
+    checked exactly across ranks in test_recency_pairs.)"""
     one, two = (_load(runs[w] / "neumf defaults")[1]["test"] for w in (1, 2))
-    assert abs(one["hr@10"] - two["hr@10"]) <= 0.01, (one, two)
+    assert abs(one["hr@10"] - two["hr@10"]) <= 0.03, (one, two)
     assert one["hr@10_n"] == two["hr@10_n"] == 943
 
 
