@@ -9,6 +9,9 @@ import numpy as np
 from .cli import PipelineError
 
 TRAIN, VALID, TEST, DROPPED = 0, 1, 2, -1     # part labels of a split
+# the strategies that hold out each user's latest interactions (by timestamp, when the
+# ratings have them): what stage 60's recency-weighted presets are for
+LATEST_HELD_OUT = ("temporal-user", "loo", "ncf")
 
 def pair_keys(u: np.ndarray, i: np.ndarray, n_items: int) -> np.ndarray:
     """user * n_items + item as int64: one sortable key per (user, item) pair, built in its

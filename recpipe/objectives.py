@@ -31,6 +31,7 @@ class Objective:
     task = ""
     samples_per_positive = 1
     needs_ratings = False          # its targets are ratings (data without them is refused)
+    weighs_pairs = False           # takes one loss weight per observed pair (sample_weights)
 
     @property
     def draws_negatives(self) -> bool:
@@ -82,6 +83,7 @@ class ImplicitBCE(Objective):
     """Binary cross-entropy on logits with sampled negatives."""
 
     task = "implicit"
+    weighs_pairs = True
 
     def __init__(self, n_negatives: int = 4):
         self.n_negatives = int(n_negatives)

@@ -59,8 +59,9 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("mlp", "implicit"): {"layers": [128, 64, 32, 16], "dropout": 0.2, "lr": 1.5e-3,
                           "batch_size": 1024, "reg": 5e-4, "n_negatives": 10, "init_std": 0.01,
                           "epochs": 30, "optimizer": "auto"},
-    # recency_latest: --recency on the splits that hold out each user's latest (loo, ncf;
-    # train_config.resolved), chosen on ML-100K's and ml-latest-small's loo validation
+    # recency_latest: --recency on the splits that hold out each user's latest
+    # (holdout.LATEST_HELD_OUT; train_config.resolved), chosen on ML-100K's and
+    # ml-latest-small's loo validation
     ("neumf", "implicit"): {"dim": 16, "layers": [64, 32, 16, 8], "lr": 1e-3,
                             "batch_size": 1024, "reg": 0.0, "init_std": 0.01, "epochs": 30,
                             "n_negatives": 8, "optimizer": "auto", "recency_latest": 5.0},

@@ -50,6 +50,7 @@ from .dataset import (STAGE40, Data, KeySet, has_times, load_data, pair_recency_
 from . import distributed, tune
 from .distributed import derived_seed, table_names
 from .evaluation import evaluate, metric_line, selection_metric
+from .holdout import LATEST_HELD_OUT
 from .family import Family, distinct_rows, family
 from .objectives import RowL2, for_task
 from .optim import Optimizers
@@ -720,10 +721,10 @@ def run(cfg: TrainConfig, command: str = "") -> dict[str, Any]:
     if cfg.tune and cls.fit_by != "epochs":
         raise PipelineError(f"--tune: --model {cfg.model} is fitted in closed form and "
                             f"already chooses its --reg on validation (one fit per candidate)")
-    # stage 30 records the task "implicit" for the splits that hold out each user's latest
-    # interactions (loo, ncf): the presets' recency holds there, where stage 40 wrote the
-    # train timestamps it is computed from
-    latest = up40.get("task") == "implicit" and "train" in (up40.get("times") or [])
+    # the presets' recency holds on the splits that hold out each user's latest interactions,
+    # where stage 40 wrote the train timestamps it is computed from
+    latest = (up40.get("strategy") in LATEST_HELD_OUT
+              and "train" in (up40.get("times") or []))
     cfg = dataclasses.replace(cfg, task=task).resolved(
         device=dev, one_process=not dist.multi, latest_held_out=latest)
     print_config(cfg, PROG)

@@ -32,11 +32,12 @@ def _uses(option: str) -> str:
 
 
 def weights_pairs_by_recency(model: str, task: str) -> bool:
-    """Whether ``--recency`` weighs ``model``'s loss on ``task``: the implicit objective of
-    the families trained by epochs on (user, item) pairs (``dataset.pair_recency_weights``);
-    EASE instead weighs the history it scores from (its own ``recency`` option)."""
+    """Whether ``--recency`` weighs ``model``'s loss on ``task``: an objective that takes
+    per-pair weights (``Objective.weighs_pairs``: the implicit BCE) in a family trained by
+    epochs on (user, item) pairs (``dataset.pair_recency_weights``); EASE instead weighs the
+    history it scores from (its own ``recency`` option)."""
     cls = family(model)
-    return (task == "implicit" and "implicit" in cls.tasks and cls.batches == "pairs"
+    return (task in cls.tasks and for_task(task).weighs_pairs and cls.batches == "pairs"
             and cls.fit_by == "epochs" and "recency" not in cls.options)
 
 
@@ -97,15 +98,15 @@ class TrainConfig:
                                    "half-life in interactions; 0 = off. " + _uses("recency")
                                    + "; the implicit task of the pair models (" + ", ".join(
                                        n for n in REGISTRY
-                                       if weights_pairs_by_recency(n, "implicit"))
+                                       if any(weights_pairs_by_recency(n, t) for t in OBJECTIVES))
                                    + "): each positive's loss, with its negatives', weighs "
                                    "F + (1 - F) * 0.5 ** (r / half-life), r the user's later "
                                    "train interactions and F --recency-floor; default: the "
                                    "preset's (" + ", ".join(sorted({m for (m, _), v in
                                                                     PRESETS.items()
                                                                     if "recency_latest" in v}))
-                                   + ") on a split that holds out each user's latest (loo, "
-                                   "ncf), else 0")
+                                   + ") on a split that holds out each user's latest by "
+                                   "timestamp (temporal-user, loo, ncf), else 0")
     recency_floor: Optional[float] = opt(None, "--recency, pair models: the weight, 0-1, that "
                                          "a user's oldest interactions keep" + PRESET)
     n_negatives: Optional[int] = opt(None, "implicit: sampled negatives per positive, "
@@ -235,7 +236,8 @@ class TrainConfig:
         not give. Otherwise auto is decided from the data by ``for_data``.
 
         ``latest_held_out``: the split holds out each user's latest interactions by their
-        timestamps (stage 60 passes it for loo and ncf splits with timestamps); a preset's
+        timestamps (stage 60 passes it for ``holdout.LATEST_HELD_OUT`` splits with
+        timestamps); a preset's
         ``recency_latest`` is the ``--recency`` there, 0 elsewhere."""
         cfg = dataclasses.replace(self)
         cfg.task = decide_task(cfg.task, family(cfg.model), split_task)
@@ -251,7 +253,7 @@ class TrainConfig:
         if chosen == "rowsgd":
             values = {**values, **ROWSGD.get((cfg.model, cfg.task), {})}
         # the preset's recency holds where the held-out items are each user's latest
-        # (``latest_held_out``: stage 30's loo and ncf splits); 0 elsewhere
+        # (``latest_held_out``); 0 elsewhere
         latest = values.pop("recency_latest", None)
         if cfg.recency is None and latest is not None:
             cfg.recency = float(latest) if latest_held_out else 0.0

@@ -79,21 +79,32 @@ def tiny_loo(tmp_path_factory) -> Path:
 
 
 def test_stage60_applies_the_preset_where_timestamps_order_the_holdout(tiny_loo, tmp_path):
-    """neumf's preset recency on a loo split with timestamps; 0 on one without (stage 30
-    then holds out a seeded random interaction, not the latest)."""
+    """neumf's preset recency on the splits that hold out each user's latest by timestamp
+    (loo, temporal-user); 0 on a loo split without timestamps (stage 30 then holds out a
+    seeded random interaction, not the latest) and on a random one."""
     d = tmp_path / "untimed"
     ratings = pd.read_parquet(tiny_loo / "10_preprocessing" / "ratings.parquet")
     write_stage10(d, ratings.drop(columns=["timestamp"]))
     ids.main(["--data-dir", str(d)])
     split.main(["--data-dir", str(d), "--strategy", "loo", "--negatives", "5"])
     matrix.main(["--data-dir", str(d)])
+    # the same timed ratings split by each user's latest ratings (temporal-user) and at random
+    splits = {}
+    for strategy in ("temporal-user", "random"):
+        splits[strategy] = tmp_path / strategy
+        write_stage10(splits[strategy], ratings)
+        ids.main(["--data-dir", str(splits[strategy])])
+        split.main(["--data-dir", str(splits[strategy]), "--strategy", strategy])
+        matrix.main(["--data-dir", str(splits[strategy])])
     got = {}
-    for name, folder in (("timed", tiny_loo), ("untimed", d)):
+    for name, folder in (("timed", tiny_loo), ("untimed", d), *splits.items()):
         m = run(parse_config(TrainConfig, ["--data-dir", str(folder), "--model", "neumf",
                                            "--threads", "1", "--epochs", "1", "--no-refit"],
                              "60_train.py", ""))
         got[name] = m["config"]["recency"]
-    assert got == {"timed": preset("neumf", "implicit")["recency_latest"], "untimed": 0.0}
+    assert got == {"timed": preset("neumf", "implicit")["recency_latest"], "untimed": 0.0,
+                   "temporal-user": preset("neumf", "implicit")["recency_latest"],
+                   "random": 0.0}
 
 
 def _by_time(d: Path, data, merged: bool) -> dict[tuple[int, int], int]:
