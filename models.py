@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from recpipe.family import (REGISTRY, Family, distinct_rows, family, look, look_side,
+from recpipe.family import (REGISTRY, Dropout, Family, distinct_rows, family, look, look_side,
                             register, tower_input)
 from recpipe.objectives import ExplicitMSE, Objective
 
@@ -442,7 +442,7 @@ class DeepMF(_Base):
         self.table("item", "item_embedding", emb_dim, init_std, sparse)
         self.tower_user = nn.Linear(emb_dim, hidden)
         self.tower_item = nn.Linear(emb_dim, hidden)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.output = nn.Linear(hidden, 1)
         self._add_bias(use_bias, sparse)
         nn.init.normal_(self.output.weight, 0.0, 0.1)
@@ -519,7 +519,7 @@ class _Tower(nn.Module):
         self.first_item = nn.Linear(emb_dim, layers[0], bias=False)
         rest = []
         for a, b in zip(layers[:-1], layers[1:]):
-            rest += [nn.Dropout(dropout), nn.Linear(a, b), nn.ReLU(inplace=True)]
+            rest += [Dropout(dropout), nn.Linear(a, b), nn.ReLU(inplace=True)]
         self.rest = nn.Sequential(*rest)
         self.out_dim = layers[-1]
         for m in self.modules():

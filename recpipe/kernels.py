@@ -249,6 +249,35 @@ if numba is not None:
                     den += hw[i]
                 out[p] = num / den if den > 0 else 0.0
 
+    @njit(cache=_CACHE, inline="always")
+    def _mix64(x):
+        """splitmix64's finaliser: a uint64 -> a uint64 whose bits are all well mixed."""
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+    @njit(cache=_CACHE, fastmath=True)
+    def _dropout(x, out, threshold, scale, seed):
+        """out[j] = x[j] * scale where the j-th 16-bit draw is >= threshold, else 0; the
+        draws are the four 16-bit words of mix64(seed + (j // 4 + 1) * golden)."""
+        n = x.shape[0]
+        golden = np.uint64(0x9E3779B97F4A7C15)
+        s = np.uint64(seed)
+        zero = np.float32(0.0)
+        for w in range(n // 4):                     # whole words: no bounds test
+            bits = _mix64(s + np.uint64(w + 1) * golden)
+            j = 4 * w
+            out[j] = x[j] * (scale if (bits & np.uint64(0xFFFF)) >= threshold else zero)
+            out[j + 1] = x[j + 1] * (scale if ((bits >> np.uint64(16)) & np.uint64(0xFFFF))
+                                     >= threshold else zero)
+            out[j + 2] = x[j + 2] * (scale if ((bits >> np.uint64(32)) & np.uint64(0xFFFF))
+                                     >= threshold else zero)
+            out[j + 3] = x[j + 3] * (scale if (bits >> np.uint64(48)) >= threshold else zero)
+        w = n // 4
+        bits = _mix64(s + np.uint64(w + 1) * golden)
+        for j in range(4 * w, n):                   # the last, partial word
+            draw = (bits >> np.uint64(16 * (j - 4 * w))) & np.uint64(0xFFFF)
+            out[j] = x[j] * (scale if draw >= threshold else zero)
 
 
 def gather_add_relu(A: np.ndarray, iu: np.ndarray, B: np.ndarray, ii: np.ndarray,
@@ -268,6 +297,17 @@ def gather_add_relu_backward(G: np.ndarray, H: np.ndarray, iu: np.ndarray, ii: n
     masked copy and the index expansion of torch's index_add; each row's sum runs in sample
     order."""
     _gather_add_relu_backward(G, H, iu, ii, gA, gB)
+
+
+def dropout(x: np.ndarray, out: np.ndarray, p: float, seed: int) -> None:
+    """Inverted dropout of the flat float32 ``x`` into ``out``: each entry kept with
+    probability 1 - p (to 1/65536: the draws are 16-bit) and then scaled by 1 / (1 - p).
+    The mask is a function of ``seed`` and the position alone (a counter-based hash, four
+    draws per 64-bit word), so the backward pass recomputes it from the seed instead of
+    storing it, and it does not depend on the threads. One thread, as gather_add_relu."""
+    threshold = min(65536, int(round(float(p) * 65536)))
+    _dropout(x, out, np.uint64(threshold), np.float32(1.0 / (1.0 - p)),
+             np.uint64(int(seed) & 0xFFFFFFFFFFFFFFFF))
 
 
 def knn_terms(users: np.ndarray, items: np.ndarray, indptr: np.ndarray, rated: np.ndarray,

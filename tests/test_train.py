@@ -493,6 +493,37 @@ def test_tower_input_kernel_matches_torch_ops():
     assert ga.abs().sum() > 0 and gb.abs().sum() > 0
 
 
+def test_kernel_dropout_is_inverted_dropout_with_its_own_mask_in_backward():
+    """family.Dropout on the CPU (the compiled kernel): kept entries scaled by 1 / (1 - p),
+    the others 0, about 1 - p of them kept; the gradient flows through the same mask; the
+    mask is fixed by torch's seed and changes between calls; eval mode and p = 0 are the
+    identity, float64 falls back to torch's dropout."""
+    from recpipe import kernels
+    from recpipe.family import Dropout
+    if not kernels.available():
+        pytest.skip(kernels.missing_reason())
+    p = 0.3
+    drop = Dropout(p).train()
+    x = (torch.rand(257, 131) + 0.5).requires_grad_()      # no zeros: a 0 output is a drop
+    torch.manual_seed(5)
+    out = drop(x)
+    assert "KernelDropout" in type(out.grad_fn).__name__       # the kernel ran, not torch's
+    kept = out != 0
+    torch.testing.assert_close(out[kept], x[kept] / (1 - p))
+    n = kept.numel()
+    assert abs(kept.sum().item() - n * (1 - p)) < 5 * math.sqrt(n * p * (1 - p))
+    up = torch.randn(257, 131)
+    (grad,) = torch.autograd.grad((out * up).sum(), x)
+    torch.testing.assert_close(grad, up * kept / (1 - p))
+    torch.manual_seed(5)
+    assert torch.equal(drop(x), out)                        # seeded
+    assert not torch.equal(drop(x) != 0, kept)              # a fresh mask per call
+    assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
+    x64 = x.detach().double()
+    y64 = Dropout(p).train()(x64)
+    assert y64.dtype == torch.float64 and (y64 == 0).any()
+
+
 def test_keyset_bitmap_matches_binary_search():
     from recpipe.dataset import KeySet, is_member, sample_negatives
     data = _synthetic_data("implicit", n_users=70, n_items=53)
