@@ -138,13 +138,14 @@ def test_weights_follow_each_users_order_in_time(tiny_loo, merged):
     assert sorted(set(np.round(w.numpy(), 6)))[-1] == 1.0
 
 
-def test_preset_recency_holds_where_each_users_latest_is_held_out():
-    latest = preset("neumf", "implicit")["recency_latest"]
+@pytest.mark.parametrize("model", ["neumf", "mlp"])
+def test_preset_recency_holds_where_each_users_latest_is_held_out(model):
+    latest = preset(model, "implicit")["recency_latest"]
     assert latest > 0
-    on = TrainConfig(model="neumf", task="implicit").resolved(latest_held_out=True)
-    off = TrainConfig(model="neumf", task="implicit").resolved(latest_held_out=False)
+    on = TrainConfig(model=model, task="implicit").resolved(latest_held_out=True)
+    off = TrainConfig(model=model, task="implicit").resolved(latest_held_out=False)
     assert (on.recency, off.recency) == (latest, 0.0)
-    assert on.recency_floor == preset("neumf", "implicit")["recency_floor"]
+    assert on.recency_floor == preset(model, "implicit")["recency_floor"]
     assert off.recency_floor is None         # not read: unset, as in configs made before it
     # given on the command line: kept on any split
     given = TrainConfig(model="neumf", task="implicit", recency=3.0).resolved()
