@@ -322,13 +322,13 @@ class Trainer:
             u = tr.users.index_select(0, idx).long()
             i = tr.items.index_select(0, idx).long()
             r = tr.ratings.index_select(0, idx)
-            w = total = None
+            w = denom = None
             if self.weights is not None:
                 w = objective.sample_weights(self.weights.index_select(0, idx))
                 if dist.world > 1:
                     # each rank divides by its share of the global batch's weight, so that
                     # the share-weighted sum of the ranks' gradients is one process's
-                    total = (self.weights.index_select(0, batch.long()).sum()
+                    denom = (self.weights.index_select(0, batch.long()).sum()
                              * (per * share) if share > 0 else None)
             if manual:
                 loss, updates = model.analytic_grad(u, i, r, cfg.reg, scratch, rows_path)
@@ -346,7 +346,7 @@ class Trainer:
             compact = self._compact(rows_compact)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.use_amp):
                 out = model(uu, ii).float()
-                loss = objective.loss(out, y) if w is None else objective.loss(out, y, w, total)
+                loss = objective.loss(out, y) if w is None else objective.loss(out, y, w, denom)
             total = loss + cfg.reg * self.l2.take(uu.shape[0]) if cfg.reg > 0 else loss
             self.l2.active = False
             self.opt.zero_grad()

@@ -14,6 +14,7 @@ from typing import Any, Optional
 from .cli import PipelineError, opt
 from .dataset import Data
 from .family import REGISTRY, Family, family
+from .holdout import LATEST_HELD_OUT
 from .objectives import OBJECTIVES, for_task
 from .presets import DEFAULT_MODEL, PRESETS, ROWSGD, preset
 
@@ -106,7 +107,7 @@ class TrainConfig:
                                                                     PRESETS.items()
                                                                     if "recency_latest" in v}))
                                    + ") on a split that holds out each user's latest by "
-                                   "timestamp (temporal-user, loo, ncf), else 0")
+                                   "timestamp (" + ", ".join(LATEST_HELD_OUT) + "), else 0")
     recency_floor: Optional[float] = opt(None, "--recency, pair models: the weight, 0-1, that "
                                          "a user's oldest interactions keep" + PRESET)
     n_negatives: Optional[int] = opt(None, "implicit: sampled negatives per positive, "
