@@ -22,6 +22,9 @@ tensors stage 60 trains on, then times:
     python bench/bench_train.py --users 480189 --items 17770 --skip mf neumf eval \
         --neumf-positives 200000 --rounds 2 --pair-models gmf:implicit mlp:implicit \
         neumf:implicit deepmf:explicit deepmf:implicit gmf:explicit mlp:explicit neumf:explicit
+    python bench/bench_train.py --users 480189 --items 17770 --skip mf neumf eval \
+        --neumf-positives 200000 --rounds 3 --kernel-paths --pair-models gmf:implicit \
+        neumf:implicit mlp:implicit deepmf:explicit
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from recpipe import family  # noqa: E402
 from recpipe.cli import training_numerics  # noqa: E402
 from recpipe.dataset import Data, Part  # noqa: E402
 from recpipe.metrics import sampled_rank_metrics  # noqa: E402
@@ -135,6 +139,10 @@ def main() -> None:
                          "this data (--optimizer auto, --batch-scale), over the first "
                          "--neumf-positives positives, e.g. gmf:implicit mlp:implicit "
                          "neumf:implicit deepmf:explicit; --rounds times, interleaved")
+    ap.add_argument("--kernel-paths", action="store_true",
+                    help="time each --pair-models family twice a round, with the fused CPU "
+                         "kernels (family.Dropout, tower_input, pair_dot) and with torch's "
+                         "ops in their place, alternating which goes first")
     ap.add_argument("--skip", nargs="*", default=[], choices=["mf", "neumf", "eval"])
     ap.add_argument("--sparse-paths", action="store_true",
                     help="with --optimizer sparse_adam: time NeuMF's embedding updates both "
@@ -178,12 +186,18 @@ def main() -> None:
             d = by_task[task]
             final = for_data(TrainConfig(model=name, task=task, device=args.device
                                          ).resolved(device=d.device), d)
-            secs, n, loss, chosen = time_epoch(d, final, out, args.neumf_positives)
-            pos = min(args.neumf_positives or len(d.train), len(d.train))
-            print(f"[{name} {task} at its preset: {chosen}, batch {final.batch_size}] "
-                  f"{n:,} samples ({pos:,} positives) in {secs:.2f}s = "
-                  f"{n / secs / 1e6:.2f}M samples/s, {pos / secs / 1e6:.2f}M positives/s "
-                  f"(target >= 1M samples/s), loss {loss:.4f}", flush=True)
+            paths = [(True, "")]
+            if args.kernel_paths:                  # the order alternates between rounds
+                paths = [(True, ", kernels"), (False, ", torch ops")][::1 - 2 * (rnd % 2)]
+            for on, label in paths:
+                family.USE_KERNELS = on
+                secs, n, loss, chosen = time_epoch(d, final, out, args.neumf_positives)
+                pos = min(args.neumf_positives or len(d.train), len(d.train))
+                print(f"[{name} {task} at its preset: {chosen}, batch {final.batch_size}"
+                      f"{label}] {n:,} samples ({pos:,} positives) in {secs:.2f}s = "
+                      f"{n / secs / 1e6:.2f}M samples/s, {pos / secs / 1e6:.2f}M positives/s "
+                      f"(target >= 1M samples/s), loss {loss:.4f}", flush=True)
+            family.USE_KERNELS = True
     by_task.clear()
 
     if "neumf" not in args.skip:

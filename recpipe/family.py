@@ -221,6 +221,31 @@ class _GatherAddRelu(torch.autograd.Function):
         return ga, None, gb, None
 
 
+class _GatherDot(torch.autograd.Function):
+    """(a[iu] * w * b[ii]).sum(1) by the fused CPU kernels (kernels.gather_dot)."""
+
+    @staticmethod
+    def forward(ctx, a, iu, b, ii, w):
+        from . import kernels
+        iu32, ii32 = iu.to(torch.int32).numpy(), ii.to(torch.int32).numpy()
+        a, b, w = a.detach().contiguous(), b.detach().contiguous(), w.detach().contiguous()
+        out = a.new_empty(iu.shape[0])
+        kernels.gather_dot(a.numpy(), iu32, b.numpy(), ii32, w.numpy(), out.numpy())
+        ctx.save_for_backward(a, b, w)
+        ctx.rows = (iu32, ii32)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        from . import kernels
+        a, b, w = ctx.saved_tensors
+        iu32, ii32 = ctx.rows
+        ga, gb, gw = torch.zeros_like(a), torch.zeros_like(b), torch.empty_like(w)
+        kernels.gather_dot_backward(grad.contiguous().numpy(), a.numpy(), iu32, b.numpy(),
+                                    ii32, w.numpy(), ga.numpy(), gb.numpy(), gw.numpy())
+        return ga, None, gb, None, gw
+
+
 class _KernelDropout(torch.autograd.Function):
     """Inverted dropout by the compiled CPU kernel (kernels.dropout): the mask is a function
     of ``seed`` and the position, so the backward pass recomputes it instead of storing it."""
@@ -280,9 +305,32 @@ def tower_input(user_emb: nn.Embedding, users: torch.Tensor, user_side,
     return out.view(*users.shape, out.shape[-1])
 
 
+def pair_dot(user_emb: nn.Embedding, users: torch.Tensor, item_emb: nn.Embedding,
+             items: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``(look(user_emb, users) * w * look(item_emb, items)).sum(-1)`` for pairs of the same
+    shape (GMF's score). In row-compact training on the CPU the gathers, the products and
+    the sum are one pass of a compiled kernel over the batch's distinct rows, and so is
+    their gradient (``kernels.gather_dot``): the torch ops gather two [samples, d] blocks,
+    multiply them twice, and scatter two [samples, d] gradients back through index_add."""
+    a = getattr(user_emb, "compact", None) is not None
+    b = getattr(item_emb, "compact", None) is not None
+    if not (a and b and users.shape == items.shape and w.dim() == 1
+            and user_emb.weight.device.type == "cpu" and _kernels_ok()
+            and user_emb.weight.dtype == item_emb.weight.dtype == w.dtype == torch.float32):
+        return (look(user_emb, users) * w * look(item_emb, items)).sum(-1)
+    ua, iu = _side_rows(user_emb, users, lambda leaf: leaf)
+    ib, ii = _side_rows(item_emb, items, lambda leaf: leaf)
+    return _GatherDot.apply(ua, iu, ib, ii, w).view(users.shape)
+
+
+# the fused CPU kernels above (Dropout, tower_input, pair_dot); bench/bench_train.py
+# --kernel-paths turns them off to time torch's ops beside them
+USE_KERNELS = True
+
+
 def _kernels_ok() -> bool:
     from . import kernels
-    return kernels.available()
+    return USE_KERNELS and kernels.available()
 
 
 class Family(nn.Module):

@@ -1,8 +1,10 @@
 """Fused CPU kernels (numba) for the per-sample SGD solver of explicit biased MF
 (``--optimizer rowsgd``), for the NCF towers' first layer in row-compact training
 (``gather_add_relu``: ``relu(A[iu] + B[ii])`` and its gradient in one pass each, see
-``family.tower_input``), and for item kNN's scoring (``knn_terms``: each pair's k nearest
-rated items by a bounded heap).
+``family.tower_input``), for GMF's score there (``gather_dot``: ``sum(A[iu] * w * B[ii])``,
+``family.pair_dot``), for dropout (``dropout``: a counter-based mask, ``family.Dropout``),
+and for item kNN's scoring (``knn_terms``: each pair's k nearest rated items by a bounded
+heap).
 
 One epoch is one SGD step per training rating, on the same objective as every other path
 (``BiasedMF``: per rating ``e^2 + reg (|p_u|^2 + |q_i|^2 + b_u^2 + b_i^2)`` in standardised
@@ -191,6 +193,33 @@ if numba is not None:
             for f in range(h):
                 gB[b, f] += m[f]
 
+    @njit(cache=_CACHE, fastmath=True)
+    def _gather_dot(A, iu, B, ii, w, out):
+        """out[s] = sum_f A[iu[s], f] * w[f] * B[ii[s], f]."""
+        h = A.shape[1]
+        for s in range(out.shape[0]):
+            a, b = iu[s], ii[s]
+            acc = np.float32(0.0)
+            for f in range(h):
+                acc += A[a, f] * w[f] * B[b, f]
+            out[s] = acc
+
+    @njit(cache=_CACHE, fastmath=True)
+    def _gather_dot_backward(G, A, iu, B, ii, w, gA, gB, gw):
+        """gA[iu[s]] += G[s] w B[ii[s]], gB[ii[s]] += G[s] w A[iu[s]] and gw += G[s] A[iu[s]]
+        B[ii[s]], in sample order (gw summed in float64)."""
+        h = A.shape[1]
+        acc = np.zeros(h, np.float64)
+        for s in range(G.shape[0]):
+            a, b, g = iu[s], ii[s], G[s]
+            for f in range(h):
+                x, y = A[a, f], B[b, f]
+                gA[a, f] += g * w[f] * y
+                gB[b, f] += g * w[f] * x
+                acc[f] += g * x * y
+        for f in range(h):
+            gw[f] = acc[f]
+
     @njit(cache=_CACHE, inline="always")
     def _below(hw, hp, a, b):
         """Heap entry a ranks below b: a smaller weight, or the same weight at a later
@@ -297,6 +326,22 @@ def gather_add_relu_backward(G: np.ndarray, H: np.ndarray, iu: np.ndarray, ii: n
     masked copy and the index expansion of torch's index_add; each row's sum runs in sample
     order."""
     _gather_add_relu_backward(G, H, iu, ii, gA, gB)
+
+
+def gather_dot(A: np.ndarray, iu: np.ndarray, B: np.ndarray, ii: np.ndarray,
+               w: np.ndarray, out: np.ndarray) -> None:
+    """``out`` [S] float32 = ``(A[iu] * w * B[ii]).sum(1)`` in one pass: GMF's score on the
+    rows a batch looked up, without the two [S, d] gathers, the products and the sum (and
+    their gradients' [S, d] blocks). One thread, as gather_add_relu."""
+    _gather_dot(A, iu, B, ii, w, out)
+
+
+def gather_dot_backward(G: np.ndarray, A: np.ndarray, iu: np.ndarray, B: np.ndarray,
+                        ii: np.ndarray, w: np.ndarray, gA: np.ndarray, gB: np.ndarray,
+                        gw: np.ndarray) -> None:
+    """The gradients of ``gather_dot`` from G = dL/dout: added into ``gA`` and ``gB``
+    (zeroed by the caller) row by row in sample order, and written into ``gw``."""
+    _gather_dot_backward(G, A, iu, B, ii, w, gA, gB, gw)
 
 
 def dropout(x: np.ndarray, out: np.ndarray, p: float, seed: int) -> None:

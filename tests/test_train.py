@@ -493,6 +493,37 @@ def test_tower_input_kernel_matches_torch_ops():
     assert ga.abs().sum() > 0 and gb.abs().sum() > 0
 
 
+def test_pair_dot_kernel_matches_torch_ops():
+    """GMF's score in row-compact training on the CPU (family.pair_dot: the compiled gather +
+    product + sum and its gradient, kernels.gather_dot) gives the torch ops' scores and the
+    gradients of both tables' rows and of the output weights, rows repeated in the batch."""
+    from torch import nn
+    from recpipe import kernels
+    from recpipe.family import pair_dot
+    if not kernels.available():
+        pytest.skip(kernels.missing_reason())
+    torch.manual_seed(0)
+    users, items = nn.Embedding(9, 6), nn.Embedding(5, 6)
+    w = torch.randn(6, requires_grad=True)
+    u, i = torch.randint(0, 9, (60,)), torch.randint(0, 5, (60,))
+    up = torch.randn(60)
+    want = (users.weight[u] * w * items.weight[i]).sum(-1)
+    wu, wi, ww = torch.autograd.grad((want * up).sum(), (users.weight, items.weight, w))
+    for m in (users, items):
+        m.compact, m.compact_keys = [], {}
+    got = pair_dot(users, u, items, i, w)
+    assert "GatherDot" in type(got.grad_fn.next_functions[0][0]).__name__    # the kernel
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    (gw,) = torch.autograd.grad((got * up).sum(), w, retain_graph=True)
+    torch.testing.assert_close(gw, ww, rtol=1e-5, atol=1e-5)
+    (got * up).sum().backward()
+    for m, want_grad in ((users, wu), (items, wi)):
+        (rows, leaf), = m.compact                    # the distinct rows and their gradient
+        full = torch.zeros_like(m.weight).index_copy_(0, rows, leaf.grad)
+        torch.testing.assert_close(full, want_grad, rtol=1e-5, atol=1e-5)
+        assert rows.numel() == torch.unique(u if m is users else i).numel()
+
+
 def test_kernel_dropout_is_inverted_dropout_with_its_own_mask_in_backward():
     """family.Dropout on the CPU (the compiled kernel): kept entries scaled by 1 / (1 - p),
     the others 0, about 1 - p of them kept; the gradient flows through the same mask; the
