@@ -23,8 +23,8 @@ tensors stage 60 trains on, then times:
         --neumf-positives 200000 --rounds 2 --pair-models gmf:implicit mlp:implicit \
         neumf:implicit deepmf:explicit deepmf:implicit gmf:explicit mlp:explicit neumf:explicit
     python bench/bench_train.py --users 480189 --items 17770 --skip mf neumf eval \
-        --neumf-positives 200000 --rounds 3 --kernel-paths --pair-models gmf:implicit \
-        neumf:implicit mlp:implicit deepmf:explicit
+        --neumf-positives 200000 --rounds 3 --kernel-paths --matmul-bound \
+        --pair-models gmf:implicit neumf:implicit mlp:implicit deepmf:explicit
 """
 from __future__ import annotations
 
@@ -107,6 +107,48 @@ def time_epoch(data: Data, cfg: TrainConfig, out: Path, limit: int = 0,
     return time.perf_counter() - t0, samples, loss, chosen
 
 
+def per_sample_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """The layers a pair family runs once per sample in training: the NCF towers' layers
+    after the first (which runs once per distinct row), deepmf's two sides when dropout
+    makes them per sample (else per distinct row: none)."""
+    tower = getattr(model, "tower", None)
+    if tower is not None:
+        return [m for m in tower.rest if isinstance(m, torch.nn.Linear)]
+    if hasattr(model, "tower_user") and model.drop.p > 0:
+        return [model.tower_user, model.tower_item]
+    return []
+
+
+def matmul_bound(name: str, task: str, cfg: TrainConfig, data: Data, reps: int = 10) -> str:
+    """The matrix products of ``name``'s per-sample layers at the batch ``cfg`` trains with,
+    timed alone on random inputs: x W^T, g W and g^T x per layer (forward, input gradient,
+    weight gradient), and the samples/s they alone would allow."""
+    model = Trainer(cfg, _head(data, cfg.batch_size), Path("/tmp"), "bench").model
+    layers = per_sample_linears(model)
+    if not layers:
+        return f"[{name} {task}: no per-sample layers]"
+    s = cfg.batch_size
+    xs = [torch.randn(s, m.in_features) for m in layers]
+    gs = [torch.randn(s, m.out_features) for m in layers]
+    ws = [m.weight.detach().clone() for m in layers]
+
+    def products() -> None:
+        for x, g, w in zip(xs, gs, ws):
+            x @ w.t()
+            g @ w
+            g.t() @ x
+    products()                                                     # warm-up
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        products()
+    secs = (time.perf_counter() - t0) / reps
+    flops = sum(6 * s * m.in_features * m.out_features for m in layers)
+    shapes = ", ".join(f"{m.in_features}->{m.out_features}" for m in layers)
+    return (f"[{name} {task}: matrix products alone] layers {shapes} per sample, "
+            f"{flops / s / 1e3:.0f}k flops a sample, {flops / secs / 1e9:.0f} GFLOP/s at batch "
+            f"{s:,}: at most {s / secs / 1e6:.2f}M samples/s from them alone")
+
+
 def data_args(doc: str, ratings: int) -> argparse.ArgumentParser:
     """The options every synthetic-data bench takes (sizes and threads)."""
     ap = argparse.ArgumentParser(description=doc,
@@ -143,6 +185,10 @@ def main() -> None:
                     help="time each --pair-models family twice a round, with the fused CPU "
                          "kernels (family.Dropout, tower_input, pair_dot) and with torch's "
                          "ops in their place, alternating which goes first")
+    ap.add_argument("--matmul-bound", action="store_true",
+                    help="with --pair-models: also time, alone, the matrix products of each "
+                         "family's per-sample layers (forward, input gradient, weight "
+                         "gradient) at its batch: the samples/s those products alone allow")
     ap.add_argument("--skip", nargs="*", default=[], choices=["mf", "neumf", "eval"])
     ap.add_argument("--sparse-paths", action="store_true",
                     help="with --optimizer sparse_adam: time NeuMF's embedding updates both "
@@ -198,6 +244,8 @@ def main() -> None:
                       f"{n / secs / 1e6:.2f}M samples/s, {pos / secs / 1e6:.2f}M positives/s "
                       f"(target >= 1M samples/s), loss {loss:.4f}", flush=True)
             family.USE_KERNELS = True
+            if args.matmul_bound and rnd == 0:
+                print(matmul_bound(name, task, final, d), flush=True)
     by_task.clear()
 
     if "neumf" not in args.skip:
