@@ -314,8 +314,7 @@ def pair_dot(user_emb: nn.Embedding, users: torch.Tensor, item_emb: nn.Embedding
     multiply them twice, and scatter two [samples, d] gradients back through index_add."""
     a = getattr(user_emb, "compact", None) is not None
     b = getattr(item_emb, "compact", None) is not None
-    if not (a and b and users.shape == items.shape and w.dim() == 1
-            and user_emb.weight.device.type == "cpu" and _kernels_ok()
+    if not (a and b and w.dim() == 1 and user_emb.weight.device.type == "cpu" and _kernels_ok()
             and user_emb.weight.dtype == item_emb.weight.dtype == w.dtype == torch.float32):
         return (look(user_emb, users) * w * look(item_emb, items)).sum(-1)
     ua, iu = _side_rows(user_emb, users, lambda leaf: leaf)
